@@ -1,0 +1,153 @@
+"""One typed Settings object, read from ``TRIAGE_*`` environment variables.
+
+Every process (portal, worker, trainer, CLI) reads its configuration here and nowhere else. A bad
+value stops start-up with an error that names the environment variable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "TRIAGE_"
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+class Settings(BaseModel):
+    """All settings of the system. Each field is read from ``TRIAGE_<FIELD NAME>``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path = Field(
+        default=Path("var"),
+        description="Folder for the embedded database, the serverless broker, images and models.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL. Empty: a SQLite file in the data folder.",
+    )
+    broker_url: str = Field(
+        default="",
+        description="Celery broker URL (e.g. redis://host:6379/0). Empty: Kombu's filesystem "
+        "transport in the data folder (no server needed).",
+    )
+    storage_dir: Path | None = Field(
+        default=None, description="Content-addressed image store. Empty: DATA_DIR/images."
+    )
+    models_dir: Path | None = Field(
+        default=None, description="Model artifacts by sha256. Empty: DATA_DIR/models."
+    )
+    secret_key: str = Field(
+        default="dev-only-change-me",
+        min_length=8,
+        description="Flask secret key (sessions, CSRF). Set a long random value in production.",
+    )
+    max_upload_mb: int = Field(default=512, ge=1, le=65536, description="Largest request accepted.")
+    max_file_mb: int = Field(default=64, ge=1, le=4096, description="Largest single image accepted.")
+    max_image_pixels: int = Field(
+        default=60_000_000,
+        ge=1_000_000,
+        description="Largest image (width x height) accepted; guards against decompression bombs.",
+    )
+    chunk_size: int = Field(
+        default=64, ge=1, le=10_000, description="Images per queued task (one task = one chunk)."
+    )
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where the worker runs the model: auto picks CUDA when present."
+    )
+    worker_concurrency: int = Field(
+        default=1, ge=1, le=64, description="Worker processes per `celery worker` (one per GPU)."
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, le=256, description="CPU threads for torch in a worker process (0: auto)."
+    )
+    max_image_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Tries before an image whose processing keeps killing the worker is failed.",
+    )
+    visibility_timeout_s: int = Field(
+        default=3600,
+        ge=60,
+        description="Redis broker: seconds before an unacknowledged task is redelivered.",
+    )
+    broker_poll_interval_s: float = Field(
+        default=0.05, gt=0, le=10, description="Serverless broker: seconds between polls."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:// or postgresql:// URL")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "filesystem://", "sqla+", "amqp://", "memory://")):
+            raise ValueError("must be a redis://, filesystem://, sqla+… or amqp:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        data_dir = self.data_dir.expanduser().resolve()
+        self.data_dir = data_dir
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data_dir / 'triage.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.storage_dir is None:
+            self.storage_dir = data_dir / "images"
+        if self.models_dir is None:
+            self.models_dir = data_dir / "models"
+        return self
+
+    @property
+    def broker_folder(self) -> Path:
+        """Folder used by the serverless (filesystem) broker."""
+        return self.data_dir / "broker"
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when running on the embedded default (SQLite, serverless broker)."""
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith("filesystem")
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Read settings from ``environ`` (default: the process environment) plus explicit overrides.
+
+    Raises:
+        ConfigError: naming each environment variable whose value is invalid.
+    """
+    source = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name in Settings.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in source:
+            values[name] = source[key]
+    values.update(overrides)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError("Invalid setting(s): " + "; ".join(problems)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return load_settings()

@@ -1,0 +1,1 @@
+"""Everything that imports torch. The portal never imports this package."""

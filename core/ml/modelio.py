@@ -1,0 +1,89 @@
+"""Build timm models and save/load their weights as safetensors (never pickle from outside)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read or do not fit the architecture."""
+
+
+def create_model(architecture: str, num_classes: int, pretrained: bool = False, **kwargs: object) -> nn.Module:
+    """A timm model with a ``num_classes`` head; any timm architecture name works.
+
+    Raises:
+        WeightsError: when timm has no such architecture.
+    """
+    try:
+        return timm.create_model(architecture, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise WeightsError(f"unknown timm architecture {architecture!r}") from None
+        raise
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a model's state dict to ``path`` as safetensors (tensors made contiguous)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(path), metadata=metadata or {})
+    return path
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read weights from safetensors, or from a PyTorch checkpoint with ``weights_only=True``.
+
+    A ``.pth``/``.pt`` file may hold a plain ``state_dict`` (as the original fracture project saved
+    it) or wrap one under ``state_dict``/``model``; a ``module.`` prefix (DataParallel) is removed.
+
+    Raises:
+        WeightsError: when the file cannot be read safely.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise WeightsError(f"cannot read safetensors file {path.name}: {exc}") from None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refusal, truncated file, …
+        raise WeightsError(f"cannot load {path.name} as a weights-only PyTorch checkpoint: {exc}") from None
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise WeightsError(f"{path.name} does not hold a state_dict of tensors")
+    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load ``state`` strictly into ``model``.
+
+    Raises:
+        WeightsError: naming missing/unexpected keys or shape mismatches.
+    """
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights do not fit the architecture: {str(exc)[:600]}") from None
+    return model
+
+
+def convert_to_safetensors(source: Path, target: Path, architecture: str, num_classes: int) -> Path:
+    """Check a checkpoint against ``architecture`` and write it as safetensors at ``target``."""
+    state = load_state_dict_file(source)
+    model = load_weights(create_model(architecture, num_classes), state)
+    return save_weights(model, target, {"architecture": architecture, "num_classes": str(num_classes)})

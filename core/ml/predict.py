@@ -1,0 +1,105 @@
+"""Batched predictor: preprocess, forward, temperature-scaled softmax, low-confidence flags.
+
+Load once, then decode -> preprocess -> batched forward under ``torch.inference_mode()`` ->
+postprocess. Used by the worker and by the trainer's evaluation, so both see the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from core.ml.modelio import create_model, load_state_dict_file, load_weights
+from core.ml.transforms import build_transform, preprocess_batch
+from core.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """One image's outcome: probabilities per label, the top label, and the flag."""
+
+    probabilities: dict[str, float]
+    label: str
+    confidence: float
+    flagged: bool
+    flag_reason: str | None
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error.
+
+    Raises:
+        RuntimeError: when CUDA is asked for and none is present.
+    """
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("TRIAGE_DEVICE=cuda but no CUDA device is available")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def flag_result(probabilities: np.ndarray, labels: list[str], threshold: float) -> PredictionResult:
+    """Turn one probability row into a result; flagged when the top probability < ``threshold``."""
+    index = int(np.argmax(probabilities))
+    confidence = float(probabilities[index])
+    flagged = confidence < threshold
+    reason = f"confidence {confidence:.3f} below threshold {threshold:.3f}" if flagged else None
+    return PredictionResult(
+        probabilities={label: float(p) for label, p in zip(labels, probabilities)},
+        label=labels[index],
+        confidence=confidence,
+        flagged=flagged,
+        flag_reason=reason,
+    )
+
+
+class Predictor:
+    """A loaded model version ready to classify batches of decoded images."""
+
+    def __init__(self, spec: ModelSpec, weights_file: Path, device: str = "auto", batch_size: int = 32) -> None:
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.transform = build_transform(spec.preprocessing, training=False)
+        model = create_model(spec.architecture, num_classes=len(spec.labels))
+        self.model: nn.Module = load_weights(model, load_state_dict_file(weights_file)).eval().to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        log.info("loaded model version %s (%s) on %s", spec.version_id, spec.architecture, self.device)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """Decoded RGB images -> a normalised batch tensor (same transform as evaluation)."""
+        return preprocess_batch(images, self.transform)
+
+    @torch.inference_mode()
+    def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """Probabilities ``[N, classes]`` for a preprocessed batch, in slices of ``batch_size``."""
+        outputs = []
+        for start in range(0, batch.shape[0], self.batch_size):
+            part = batch[start : start + self.batch_size].to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                part = part.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = self.model(part)
+            else:
+                logits = self.model(part)
+            probs = torch.softmax(logits.float() / self.spec.temperature, dim=1)
+            outputs.append(probs.cpu().numpy())
+        if not outputs:
+            return np.zeros((0, len(self.spec.labels)), dtype=np.float32)
+        return np.concatenate(outputs)
+
+    def predict_images(self, images: list[Image.Image]) -> list[PredictionResult]:
+        """Classify decoded images; one result per image, flags from the version's threshold."""
+        if not images:
+            return []
+        probabilities = self.predict_tensor(self.preprocess(images))
+        return [flag_result(row, self.spec.labels, self.spec.threshold) for row in probabilities]

@@ -1,0 +1,82 @@
+"""Image preprocessing built from a model version's own config, shared by trainer and worker.
+
+The preprocessing config travels with each model version (input size, mean, std, interpolation),
+so serving never copies constants from training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Training-time augmentation of the original fracture project; every key can be overridden.
+DEFAULT_AUGMENTATION: dict[str, Any] = {
+    "rotation_degrees": 25.0,
+    "hflip_p": 0.5,
+    "brightness": 0.2,
+    "contrast": 0.2,
+    "affine_scale": [0.9, 1.1],
+    "affine_translate": 0.1,
+    "affine_shear": 10.0,
+    "blur_p": 0.1,
+    "blur_kernel": 3,
+}
+
+
+def default_preprocessing(image_size: int = 224, interpolation: str = "bilinear") -> dict[str, Any]:
+    """The original project's preprocessing: squash-resize to a square, ImageNet mean/std."""
+    return {
+        "input_size": [3, image_size, image_size],
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "interpolation": interpolation,
+    }
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name)
+    except ValueError:
+        raise ValueError(f"unknown interpolation {name!r}; use bilinear, bicubic or nearest") from None
+
+
+def build_transform(
+    preprocessing: dict[str, Any], training: bool = False, augmentation: dict[str, Any] | None = None
+) -> T.Compose:
+    """PIL RGB image -> normalised float tensor ``[C, H, W]``.
+
+    Args:
+        preprocessing: a model version's config (``input_size``, ``mean``, ``std``, ``interpolation``).
+        training: add the on-the-fly augmentation (never for validation, test or serving).
+        augmentation: overrides of :data:`DEFAULT_AUGMENTATION` when ``training``.
+    """
+    _, height, width = (int(v) for v in preprocessing["input_size"])
+    steps: list[Any] = [T.Resize((height, width), interpolation=_interpolation(preprocessing["interpolation"]), antialias=True)]
+    if training:
+        aug = {**DEFAULT_AUGMENTATION, **(augmentation or {})}
+        steps += [
+            T.RandomRotation(aug["rotation_degrees"]),
+            T.RandomHorizontalFlip(aug["hflip_p"]),
+            T.ColorJitter(brightness=aug["brightness"], contrast=aug["contrast"]),
+            T.RandomAffine(
+                degrees=0,
+                translate=(aug["affine_translate"], aug["affine_translate"]),
+                scale=tuple(aug["affine_scale"]),
+                shear=aug["affine_shear"],
+            ),
+            T.RandomApply([T.GaussianBlur(aug["blur_kernel"])], p=aug["blur_p"]),
+        ]
+    steps += [T.ToTensor(), T.Normalize(preprocessing["mean"], preprocessing["std"])]
+    return T.Compose(steps)
+
+
+def preprocess_batch(images: list[Image.Image], transform: T.Compose) -> torch.Tensor:
+    """Stack transformed images into one batch tensor ``[N, C, H, W]``."""
+    return torch.stack([transform(image) for image in images])

@@ -1,0 +1,180 @@
+"""SQLAlchemy 2.0 tables: studies, images, predictions, reviews, model versions, users."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention, so migrations name constraints stably."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ImageStatus(str, enum.Enum):
+    """Life cycle of one uploaded image."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class StudyStatus(str, enum.Enum):
+    """Life cycle of a study batch: queued until a worker starts, done when every image ended."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+class User(Base):
+    """A person using the portal (roles: uploader, reviewer, admin)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(80), unique=True)
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16), default="uploader")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelVersion(Base):
+    """A registered model: weights (by sha256) plus everything needed to serve them."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(120))
+    architecture: Mapped[str] = mapped_column(String(200))
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    preprocessing: Mapped[dict[str, Any]] = mapped_column(JSON)
+    threshold: Mapped[float] = mapped_column(Float)
+    temperature: Mapped[float] = mapped_column(Float, default=1.0)
+    weights_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    is_demo: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_production: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    @property
+    def display_name(self) -> str:
+        """Name shown to people; demo models say so."""
+        suffix = " (demo, not for clinical use)" if self.is_demo else ""
+        return f"#{self.id} {self.name}{suffix}"
+
+
+class Study(Base):
+    """One uploaded batch of images, classified with one model version."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "study_status"), default=StudyStatus.QUEUED)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    model_version: Mapped[ModelVersion] = relationship()
+    images: Mapped[list[Image]] = relationship(back_populates="study", order_by="Image.id")
+
+
+class Image(Base):
+    """One uploaded file of a study; the bytes live in the image store under ``storage_key``."""
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_study_id_status", "study_id", "status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    storage_key: Mapped[str | None] = mapped_column(String(200))
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[ImageStatus] = mapped_column(_enum(ImageStatus, "image_status"), default=ImageStatus.QUEUED)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="images")
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="image", order_by="Prediction.id")
+    reviews: Mapped[list[Review]] = relationship(back_populates="image", order_by="Review.id")
+
+
+class Prediction(Base):
+    """The output of one model version for one image (at most one per pair)."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id", name="uq_predictions_image_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
+    label: Mapped[str] = mapped_column(String(100))
+    confidence: Mapped[float] = mapped_column(Float)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    flag_reason: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="predictions")
+    model_version: Mapped[ModelVersion] = relationship()
+
+
+class Review(Base):
+    """A reviewer's label for an image (the latest one counts)."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    reviewer_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    reviewer_name: Mapped[str] = mapped_column(String(80))
+    label: Mapped[str] = mapped_column(String(100))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="reviews")

@@ -1,0 +1,172 @@
+"""Model registry: register, list and promote model versions; resolve the production one.
+
+Versions live in the database; their weights live on disk as safetensors, keyed by sha256. This
+module does not import torch (the portal uses it); checking that weights fit an architecture is done
+by :mod:`core.ml.modelio` before registration.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core.config import Settings
+from core.models import ModelVersion, utcnow
+from core.storage import ContentStore, sha256_file
+
+REQUIRED_PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation")
+
+
+class RegistryError(ValueError):
+    """Invalid model metadata or an unknown version; the message says which."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to serve a model version, independent of the database session."""
+
+    version_id: int
+    architecture: str
+    labels: list[str]
+    preprocessing: dict[str, Any]
+    threshold: float
+    temperature: float
+    weights_sha256: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_version(cls, version: ModelVersion) -> "ModelSpec":
+        """Detach the serving metadata from a database row."""
+        return cls(
+            version_id=version.id,
+            architecture=version.architecture,
+            labels=list(version.labels),
+            preprocessing=dict(version.preprocessing),
+            threshold=float(version.threshold),
+            temperature=float(version.temperature),
+            weights_sha256=version.weights_sha256,
+            extra=dict(version.extra or {}),
+        )
+
+    @property
+    def cache_key(self) -> tuple[int, str]:
+        """Key for per-process caches: a version id never reuses another's weights."""
+        return (self.version_id, self.weights_sha256)
+
+
+def model_store(settings: Settings) -> ContentStore:
+    """The content-addressed store of model weights."""
+    assert settings.models_dir is not None
+    return ContentStore(settings.models_dir, suffix=".safetensors")
+
+
+def weights_path(settings: Settings, sha256: str) -> Path:
+    """Path of the safetensors file with digest ``sha256``."""
+    store = model_store(settings)
+    return store.path_for_key(store.key_for(sha256))
+
+
+def validate_metadata(labels: list[str], preprocessing: dict[str, Any], threshold: float, temperature: float) -> None:
+    """Refuse metadata that cannot serve: the message names the bad field.
+
+    Raises:
+        RegistryError: on empty or duplicate labels, missing preprocessing keys, or a threshold
+            outside [0, 1], or a non-positive temperature.
+    """
+    if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
+        raise RegistryError(f"labels must be two or more distinct non-empty names, got {labels!r}")
+    missing = [key for key in REQUIRED_PREPROCESSING_KEYS if key not in preprocessing]
+    if missing:
+        raise RegistryError(f"preprocessing config lacks {', '.join(missing)}")
+    size = preprocessing["input_size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(int(v) > 0 for v in size)):
+        raise RegistryError(f"preprocessing input_size must be [channels, height, width], got {size!r}")
+    for key in ("mean", "std"):
+        if len(preprocessing[key]) != int(size[0]):
+            raise RegistryError(f"preprocessing {key} must have one value per channel")
+    if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
+        raise RegistryError(f"threshold must be between 0 and 1, got {threshold}")
+    if not (temperature > 0) or math.isinf(temperature):
+        raise RegistryError(f"temperature must be positive, got {temperature}")
+
+
+def register_version(
+    session: Session,
+    settings: Settings,
+    weights_file: Path,
+    *,
+    name: str,
+    architecture: str,
+    labels: list[str],
+    preprocessing: dict[str, Any],
+    threshold: float,
+    temperature: float = 1.0,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    is_demo: bool = False,
+) -> ModelVersion:
+    """Copy a safetensors weights file into the store and record a new version (not promoted)."""
+    validate_metadata(labels, preprocessing, threshold, temperature)
+    weights_file = Path(weights_file)
+    if weights_file.suffix != ".safetensors":
+        raise RegistryError(f"weights must be a .safetensors file, got {weights_file.name}")
+    digest = sha256_file(weights_file)
+    target = weights_path(settings, digest)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".incoming")
+        shutil.copyfile(weights_file, tmp)
+        tmp.replace(target)
+    version = ModelVersion(
+        name=name,
+        architecture=architecture,
+        labels=list(labels),
+        preprocessing=dict(preprocessing),
+        threshold=float(threshold),
+        temperature=float(temperature),
+        weights_sha256=digest,
+        metrics=metrics or {},
+        extra=extra or {},
+        is_demo=is_demo,
+    )
+    session.add(version)
+    session.flush()
+    return version
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    """All versions, newest first."""
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())))
+
+
+def get_version(session: Session, version_id: int) -> ModelVersion:
+    """One version by id.
+
+    Raises:
+        RegistryError: when there is no such version.
+    """
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        raise RegistryError(f"no model version #{version_id}")
+    return version
+
+
+def promote(session: Session, version_id: int) -> ModelVersion:
+    """Make ``version_id`` the one production version; new studies use it from now on."""
+    version = get_version(session, version_id)
+    session.execute(update(ModelVersion).where(ModelVersion.id != version_id).values(is_production=False))
+    version.is_production = True
+    version.promoted_at = utcnow()
+    session.flush()
+    return version
+
+
+def production_version(session: Session) -> ModelVersion | None:
+    """The production version, or None when none has been promoted."""
+    return session.scalars(select(ModelVersion).where(ModelVersion.is_production.is_(True)).limit(1)).first()

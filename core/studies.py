@@ -1,0 +1,221 @@
+"""Study and image services shared by the portal and the worker (no torch, no Flask)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from core.config import Settings
+from core.imaging import ImageDecodeError, inspect_image
+from core.models import Image, ImageStatus, ModelVersion, Prediction, Review, Study, StudyStatus, utcnow
+from core.storage import ContentStore
+
+log = logging.getLogger(__name__)
+
+TERMINAL = (ImageStatus.DONE, ImageStatus.FAILED)
+
+
+def image_store(settings: Settings) -> ContentStore:
+    """The content-addressed store of uploaded images."""
+    assert settings.storage_dir is not None
+    return ContentStore(settings.storage_dir)
+
+
+def create_study(session: Session, name: str, model_version: ModelVersion, created_by_id: int | None = None) -> Study:
+    """A new, empty study that will be classified with ``model_version``."""
+    study = Study(name=name[:200] or "Untitled study", model_version_id=model_version.id, created_by_id=created_by_id)
+    session.add(study)
+    session.flush()
+    return study
+
+
+def add_upload(session: Session, settings: Settings, study: Study, filename: str, data: bytes) -> Image:
+    """Check one uploaded file and record it in ``study``.
+
+    A usable image is stored by content hash and queued; anything else is recorded as a failed
+    image with a message saying why, so the user sees every file they sent.
+    """
+    display_name = (filename or "unnamed").replace("\x00", "")[-500:]
+    image = Image(study_id=study.id, filename=display_name, size_bytes=len(data))
+    max_bytes = settings.max_file_mb * 1024 * 1024
+    try:
+        if len(data) > max_bytes:
+            raise ImageDecodeError(f"file too large: {len(data):,} bytes, limit {max_bytes:,} (TRIAGE_MAX_FILE_MB)")
+        info = inspect_image(data, settings.max_image_pixels)
+    except ImageDecodeError as exc:
+        image.status = ImageStatus.FAILED
+        image.error = str(exc)
+    else:
+        image.sha256, image.storage_key = image_store(settings).put_bytes(data)
+        image.width, image.height = info.width, info.height
+        image.status = ImageStatus.QUEUED
+    session.add(image)
+    session.flush()
+    return image
+
+
+def queued_image_ids(session: Session, study_id: int) -> list[int]:
+    """Ids of a study's images still waiting for the worker."""
+    return list(
+        session.scalars(
+            select(Image.id).where(Image.study_id == study_id, Image.status == ImageStatus.QUEUED).order_by(Image.id)
+        )
+    )
+
+
+@dataclass
+class ClaimedChunk:
+    """Images of a chunk the worker should process now, and those it gave up on."""
+
+    images: list[Image]
+    gave_up: list[Image]
+
+
+def claim_images(session: Session, study_id: int, image_ids: Sequence[int], max_attempts: int) -> ClaimedChunk:
+    """Mark a chunk's unfinished images as processing and count the attempt.
+
+    Images already done or failed are skipped (a redelivered task changes nothing). An image whose
+    attempts reached ``max_attempts`` (it keeps killing the worker) is failed instead of retried.
+    """
+    rows = list(
+        session.scalars(
+            select(Image)
+            .where(Image.study_id == study_id, Image.id.in_(list(image_ids)), Image.status.not_in(TERMINAL))
+            .order_by(Image.id)
+        )
+    )
+    chunk = ClaimedChunk(images=[], gave_up=[])
+    for image in rows:
+        if image.attempts >= max_attempts:
+            image.status = ImageStatus.FAILED
+            image.error = f"gave up after {image.attempts} attempts: the worker stopped while processing this image"
+            chunk.gave_up.append(image)
+            continue
+        image.attempts += 1
+        image.status = ImageStatus.PROCESSING
+        chunk.images.append(image)
+    session.execute(
+        update(Study).where(Study.id == study_id, Study.status == StudyStatus.QUEUED).values(status=StudyStatus.PROCESSING)
+    )
+    session.flush()
+    return chunk
+
+
+def _insert_ignoring_duplicates(session: Session, values: list[dict[str, Any]]) -> None:
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    statement = insert(Prediction).values(values).on_conflict_do_nothing(index_elements=["image_id", "model_version_id"])
+    session.execute(statement)
+
+
+def save_predictions(session: Session, model_version_id: int, results: Sequence[tuple[Image, Any]]) -> None:
+    """Write one prediction per (image, version) and mark the images done; duplicates are ignored.
+
+    ``results`` pairs each image with an object that has ``probabilities``, ``label``,
+    ``confidence``, ``flagged`` and ``flag_reason`` (a :class:`core.ml.predict.PredictionResult`).
+    """
+    if not results:
+        return
+    now = utcnow()
+    _insert_ignoring_duplicates(
+        session,
+        [
+            {
+                "image_id": image.id,
+                "model_version_id": model_version_id,
+                "probabilities": result.probabilities,
+                "label": result.label,
+                "confidence": result.confidence,
+                "flagged": result.flagged,
+                "flag_reason": result.flag_reason,
+                "created_at": now,
+            }
+            for image, result in results
+        ],
+    )
+    for image, _ in results:
+        image.status = ImageStatus.DONE
+        image.error = None
+    session.flush()
+
+
+def fail_image(image: Image, message: str) -> None:
+    """Mark one image failed with a message for the user."""
+    image.status = ImageStatus.FAILED
+    image.error = message[:2000]
+
+
+def finish_study_if_complete(session: Session, study_id: int) -> bool:
+    """Mark the study done when every image is done or failed; returns whether it is done."""
+    remaining = session.scalar(
+        select(func.count()).select_from(Image).where(Image.study_id == study_id, Image.status.not_in(TERMINAL))
+    )
+    if remaining:
+        return False
+    session.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.status != StudyStatus.DONE)
+        .values(status=StudyStatus.DONE, finished_at=utcnow())
+    )
+    session.flush()
+    return True
+
+
+def study_counts(session: Session, study_id: int) -> dict[str, int]:
+    """Counts of a study's images per status, plus ``total`` and ``flagged``."""
+    counts = {status.value: 0 for status in ImageStatus}
+    for status, count in session.execute(
+        select(Image.status, func.count()).where(Image.study_id == study_id).group_by(Image.status)
+    ):
+        counts[ImageStatus(status).value] = count
+    counts["total"] = sum(counts[s.value] for s in ImageStatus)
+    study = session.get(Study, study_id)
+    counts["flagged"] = session.scalar(
+        select(func.count())
+        .select_from(Prediction)
+        .join(Image, Image.id == Prediction.image_id)
+        .where(Image.study_id == study_id, Prediction.flagged.is_(True), Prediction.model_version_id == study.model_version_id)
+    ) if study else 0
+    return counts
+
+
+def study_prediction(image: Image, model_version_id: int) -> Prediction | None:
+    """The image's prediction by ``model_version_id``, if any."""
+    return next((p for p in image.predictions if p.model_version_id == model_version_id), None)
+
+
+def review_queue(session: Session, study_id: int | None = None, include_reviewed: bool = False) -> list[tuple[Image, Prediction]]:
+    """Flagged images with their prediction, oldest first; reviewed ones left out unless asked."""
+    query = (
+        select(Image, Prediction)
+        .join(Prediction, Prediction.image_id == Image.id)
+        .join(Study, Study.id == Image.study_id)
+        .where(Prediction.flagged.is_(True), Prediction.model_version_id == Study.model_version_id)
+        .order_by(Prediction.created_at, Image.id)
+    )
+    if study_id is not None:
+        query = query.where(Image.study_id == study_id)
+    if not include_reviewed:
+        query = query.where(~select(Review.id).where(Review.image_id == Image.id).exists())
+    return [(image, prediction) for image, prediction in session.execute(query)]
+
+
+def record_review(session: Session, image: Image, label: str, reviewer_name: str, note: str | None = None, reviewer_id: int | None = None) -> Review:
+    """Record a reviewer's label for ``image``.
+
+    Raises:
+        ValueError: when ``label`` is not one of the study's model labels.
+    """
+    labels = image.study.model_version.labels
+    if label not in labels:
+        raise ValueError(f"label must be one of {', '.join(labels)}; got {label!r}")
+    review = Review(image_id=image.id, label=label, reviewer_name=reviewer_name[:80] or "anonymous", note=note or None, reviewer_id=reviewer_id)
+    session.add(review)
+    session.flush()
+    return review

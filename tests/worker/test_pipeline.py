@@ -1,0 +1,97 @@
+"""The chunk classifier run in-process against a real SQLite database and a real tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from core.config import Settings
+from core.db import Database
+from core.ml.pipeline import PredictorCache, classify_chunk
+from core.models import Image, ImageStatus, ModelVersion, Prediction, Study, StudyStatus
+from core.studies import add_upload, create_study
+from tests.conftest import xray_sample
+
+
+def _study_with_files(db: Database, settings: Settings, files: dict[str, bytes]) -> tuple[int, list[int]]:
+    with db.transaction() as session:
+        version = session.scalars(select(ModelVersion).where(ModelVersion.is_production.is_(True))).one()
+        study = create_study(session, "pipeline test", version)
+        ids = [add_upload(session, settings, study, name, data).id for name, data in files.items()]
+        return study.id, ids
+
+
+def test_chunk_classifies_every_good_image_and_fails_bad_ones_alone(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    good = {path.name: path.read_bytes() for path in xray_sample(xrays_dir, 10)}
+    truncated = next(iter(good.values()))[:3000]
+    files = {**good, "truncated.jpg": truncated, "notes.jpg": b"this is a text file, not a radiograph\n", "empty.jpg": b""}
+    study_id, ids = _study_with_files(db, settings, files)
+
+    report = classify_chunk(db, settings, PredictorCache(settings), study_id, ids)
+
+    assert report.predicted == len(good)
+    assert report.study_done
+    with db.transaction() as session:
+        images = {image.filename: image for image in session.scalars(select(Image).where(Image.study_id == study_id))}
+        for name in good:
+            assert images[name].status == ImageStatus.DONE, images[name].error
+            (prediction,) = images[name].predictions
+            assert prediction.model_version_id == production_model
+            assert abs(sum(prediction.probabilities.values()) - 1.0) < 1e-5
+            assert prediction.label in ("fracture", "no_fracture")
+            assert prediction.flagged == (prediction.confidence < 0.9)
+        assert images["truncated.jpg"].status == ImageStatus.FAILED
+        assert "truncated" in images["truncated.jpg"].error
+        assert images["notes.jpg"].status == ImageStatus.FAILED
+        assert "not an image" in images["notes.jpg"].error
+        assert images["empty.jpg"].status == ImageStatus.FAILED
+        assert "empty file" in images["empty.jpg"].error
+        assert session.get(Study, study_id).status == StudyStatus.DONE
+
+
+def test_redelivered_chunk_leaves_exactly_one_prediction_per_image(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    files = {path.name: path.read_bytes() for path in xray_sample(xrays_dir, 6)}
+    study_id, ids = _study_with_files(db, settings, files)
+    cache = PredictorCache(settings)
+
+    first = classify_chunk(db, settings, cache, study_id, ids)
+    # A redelivery after a crash between writing and acknowledging: reset the status as if the
+    # worker had died before its final commit, then run the same task again.
+    with db.transaction() as session:
+        for image in session.scalars(select(Image).where(Image.id.in_(ids[:3]))):
+            image.status = ImageStatus.PROCESSING
+    second = classify_chunk(db, settings, cache, study_id, ids)
+
+    assert first.predicted == 6
+    assert second.skipped == 3
+    with db.transaction() as session:
+        per_image = dict(
+            session.execute(select(Prediction.image_id, func.count()).where(Prediction.image_id.in_(ids)).group_by(Prediction.image_id)).all()
+        )
+        assert per_image == {image_id: 1 for image_id in ids}
+        assert all(image.status == ImageStatus.DONE for image in session.scalars(select(Image).where(Image.id.in_(ids))))
+
+
+def test_image_that_keeps_killing_the_worker_is_failed_after_bounded_attempts(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    files = {path.name: path.read_bytes() for path in xray_sample(xrays_dir, 2)}
+    study_id, ids = _study_with_files(db, settings, files)
+    with db.transaction() as session:
+        poison = session.get(Image, ids[0])
+        poison.attempts = settings.max_image_attempts
+        poison.status = ImageStatus.PROCESSING
+
+    report = classify_chunk(db, settings, PredictorCache(settings), study_id, ids)
+
+    assert report.predicted == 1 and report.failed == 1
+    with db.transaction() as session:
+        poison = session.get(Image, ids[0])
+        assert poison.status == ImageStatus.FAILED
+        assert "gave up after" in poison.error
+        assert not poison.predictions

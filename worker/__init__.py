@@ -1,0 +1,38 @@
+"""The Celery worker: ``celery -A worker worker`` classifies queued images with the production model.
+
+The app is configured from :mod:`core.config` (one broker setting for portal and worker). The model
+is loaded lazily in the child process that runs the task, never at import time or in the parent:
+CUDA does not survive a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import setup_logging, worker_process_init
+
+from core.config import get_settings
+from core.queue import make_celery
+
+settings = get_settings()
+app = make_celery(settings, main="worker")
+celery = app  # `celery -A worker` finds `app` or `celery`
+
+
+@setup_logging.connect
+def _configure_logging(**_: object) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
+    )
+
+
+@worker_process_init.connect
+def _reset_after_fork(**_: object) -> None:
+    """Each forked child opens its own database connections and loads its own model."""
+    from worker import tasks
+
+    tasks.reset_process_state()
+
+
+from worker import tasks  # noqa: E402,F401  (registers the tasks)

@@ -1,0 +1,50 @@
+"""Thin Celery tasks: they take ids, call core services, and log with the task id."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task
+from celery.utils.log import get_task_logger
+
+from core.db import Database
+from core.queue import CLASSIFY_CHUNK_TASK
+from worker import app, settings
+
+log = get_task_logger(__name__)
+
+_db: Database | None = None
+_cache = None
+
+
+def reset_process_state() -> None:
+    """Forget connections and models inherited from a parent process."""
+    global _db, _cache
+    _db = None
+    _cache = None
+
+
+def _services():  # type: ignore[no-untyped-def]
+    global _db, _cache
+    if _db is None:
+        _db = Database(settings)
+    if _cache is None:
+        from core.ml.pipeline import PredictorCache  # torch is imported in the child only
+
+        _cache = PredictorCache(settings)
+    return _db, _cache
+
+
+@app.task(name=CLASSIFY_CHUNK_TASK, bind=True)
+def classify_chunk(self: Task, study_id: int, image_ids: list[int]) -> dict[str, int | bool]:
+    """Classify one chunk of a study's images and write the predictions (idempotent)."""
+    from core.ml.pipeline import classify_chunk as run_chunk
+
+    db, cache = _services()
+    report = run_chunk(db, settings, cache, study_id, image_ids)
+    log.info(
+        "task %s study %s: %d predicted, %d failed, %d already finished%s",
+        self.request.id, study_id, report.predicted, report.failed, report.skipped,
+        "; study done" if report.study_done else "",
+    )
+    return {"predicted": report.predicted, "failed": report.failed, "skipped": report.skipped, "study_done": report.study_done}
