@@ -1,0 +1,262 @@
+"""Admin CLI (`triage`): migrations, the model registry, and the embedded demo.
+
+    triage db upgrade
+    triage model register --weights W --arch A --labels a,b,c [--threshold T] [--promote]
+    triage model list | triage model promote ID
+    triage demo [--host H] [--port P]
+
+This module imports neither the portal, the worker nor the trainer: the demo starts them as
+separate processes, exactly as production does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from core.config import ConfigError, Settings, get_settings
+from core.db import Database
+
+log = logging.getLogger("triage")
+
+
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    """Upgrade the configured database to the newest schema."""
+    from core.migrate import upgrade
+
+    upgrade(settings.database_url, args.revision)
+    print(f"database at {_safe_url(settings.database_url)} is at revision {args.revision}")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def cmd_model_register(settings: Settings, args: argparse.Namespace) -> int:
+    """Register weights (safetensors, or a weights-only PyTorch state_dict) as a model version."""
+    from core import registry
+    from core.ml.modelio import convert_to_safetensors
+    from core.ml.transforms import default_preprocessing
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    preprocessing = default_preprocessing(args.image_size, args.interpolation)
+    if args.mean:
+        preprocessing["mean"] = [float(v) for v in args.mean.split(",")]
+    if args.std:
+        preprocessing["std"] = [float(v) for v in args.std.split(",")]
+    registry.validate_metadata(labels, preprocessing, args.threshold, args.temperature)
+    source = Path(args.weights)
+    if not source.is_file():
+        raise registry.RegistryError(f"weights file not found: {source}")
+    with tempfile.TemporaryDirectory() as tmp:
+        # Always load and re-save: checks the weights fit the architecture and never unpickles code.
+        checked = convert_to_safetensors(source, Path(tmp) / "weights.safetensors", args.arch, len(labels))
+        with Database(settings).transaction() as session:
+            version = registry.register_version(
+                session,
+                settings,
+                checked,
+                name=args.name or f"{args.arch} from {source.name}",
+                architecture=args.arch,
+                labels=labels,
+                preprocessing=preprocessing,
+                threshold=args.threshold,
+                temperature=args.temperature,
+                extra={"imported_from": source.name},
+            )
+            if args.promote:
+                registry.promote(session, version.id)
+            print(f"registered model version #{version.id} ({version.weights_sha256[:12]}){' and promoted it' if args.promote else ''}")
+    return 0
+
+
+def cmd_model_list(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the registered model versions."""
+    from core import registry
+
+    with Database(settings).transaction() as session:
+        versions = registry.list_versions(session)
+        if args.json:
+            print(json.dumps([
+                {"id": v.id, "name": v.name, "architecture": v.architecture, "labels": v.labels,
+                 "threshold": v.threshold, "production": v.is_production, "demo": v.is_demo,
+                 "weights_sha256": v.weights_sha256}
+                for v in versions
+            ], indent=2))
+            return 0
+        if not versions:
+            print("no model versions registered; use `triage model register` or `triage demo`")
+        for v in versions:
+            mark = "*" if v.is_production else " "
+            print(f"{mark} #{v.id:<4} {v.architecture:<32} labels={','.join(v.labels)} threshold={v.threshold:.3f} {v.name}{' [demo]' if v.is_demo else ''}")
+    return 0
+
+
+def cmd_model_promote(settings: Settings, args: argparse.Namespace) -> int:
+    """Make one version the production model (used for new studies)."""
+    from core import registry
+
+    with Database(settings).transaction() as session:
+        version = registry.promote(session, args.version_id)
+        print(f"model version #{version.id} ({version.name}) is now production")
+    return 0
+
+
+def _ensure_demo_model(settings: Settings, env: dict[str, str], train_data: Path | None) -> None:
+    """Train and promote a small demo model when no production model exists."""
+    from core import registry
+
+    with Database(settings).transaction() as session:
+        current = registry.production_version(session)
+        if current is not None:
+            print(f"production model: {current.display_name}")
+            return
+    data = train_data
+    if data is None:
+        data = settings.data_dir / "demo-data"
+        if not (data / "train").is_dir():
+            print("no model yet: generating a synthetic demo data set (not real radiographs)…")
+            subprocess.run([sys.executable, "-m", "trainer", "synth", "--out", str(data), "--per-class", "60", "--image-size", "96"], env=env, check=True)
+    print(f"training a small demo model on {data} (demo, not for clinical use; about a minute on CPU)…")
+    subprocess.run(
+        [sys.executable, "-m", "trainer", "train", "--data", str(data), "--arch", "test_efficientnet",
+         "--image-size", "96", "--epochs", "8", "--out", str(settings.data_dir / "runs" / "demo"),
+         "--register", "--promote", "--demo", "--name", "demo model (synthetic data)"],
+        env=env, check=True,
+    )
+
+
+def _queue_sample_study(settings: Settings, data: Path) -> None:
+    """Queue the demo data set's test images as a first study, so the portal has results to show."""
+    from core import registry
+    from core.queue import enqueue_images, make_celery
+    from core.studies import add_upload, create_study
+
+    files = sorted(p for p in (data / "test").glob("*/*") if p.is_file())[:48]
+    if not files:
+        return
+    with Database(settings).transaction() as session:
+        version = registry.production_version(session)
+        assert version is not None
+        study = create_study(session, "Sample study (synthetic demo images)", version)
+        image_ids = [add_upload(session, settings, study, f"{p.parent.name}/{p.name}", p.read_bytes()).id for p in files]
+        study_id = study.id
+    enqueue_images(make_celery(settings, main="demo"), study_id, image_ids, settings.chunk_size)
+    print(f"queued sample study #{study_id} with {len(image_ids)} synthetic images")
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    """Run everything on one machine: migrate, make sure a model exists, start worker and portal."""
+    from core.migrate import upgrade
+
+    env = dict(os.environ)
+    env.setdefault("TRIAGE_DATA_DIR", str(settings.data_dir))
+    upgrade(settings.database_url)
+    print(f"database: {_safe_url(settings.database_url)}; broker: {settings.broker_url}")
+    train_data = Path(args.train_data).resolve() if args.train_data else None
+    _ensure_demo_model(settings, env, train_data)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", "--concurrency", str(settings.worker_concurrency)],
+        env=env,
+    )
+    portal = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--bind", f"{args.host}:{args.port}", "--workers", "2", "--timeout", "300", "portal:create_app()"],
+        env=env,
+    )
+    demo_data = settings.data_dir / "demo-data"
+    if not args.no_sample and train_data is None and (demo_data / "test").is_dir():
+        _queue_sample_study(settings, demo_data)
+    print(f"\nportal: http://{args.host}:{args.port}/   (Ctrl-C stops portal and worker)\n")
+    children = [worker, portal]
+
+    def stop(*_: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    failed = [child.args[2:5] for child in children if child.returncode not in (0, -signal.SIGTERM, None)]
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `triage` command."""
+    parser = argparse.ArgumentParser(prog="triage", description="Bone X-ray triage admin commands.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="upgrade the database to the newest schema")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=cmd_db_upgrade)
+
+    model = sub.add_parser("model", help="model registry").add_subparsers(dest="model_command", required=True)
+    reg = model.add_parser("register", help="register weights (.safetensors or a PyTorch state_dict .pth)")
+    reg.add_argument("--weights", required=True, help="a .safetensors file or a torch.save(state_dict) file")
+    reg.add_argument("--arch", required=True, help="timm architecture, e.g. tf_efficientnetv2_s.in21k_ft_in1k")
+    reg.add_argument("--labels", required=True, help="class names in output order, comma-separated")
+    reg.add_argument("--threshold", type=float, default=0.7, help="flag images whose top probability is below this")
+    reg.add_argument("--temperature", type=float, default=1.0)
+    reg.add_argument("--image-size", type=int, default=224)
+    reg.add_argument("--interpolation", default="bilinear")
+    reg.add_argument("--mean", help="comma-separated channel means (default ImageNet)")
+    reg.add_argument("--std", help="comma-separated channel stds (default ImageNet)")
+    reg.add_argument("--name")
+    reg.add_argument("--promote", action="store_true", help="make it the production model")
+    reg.set_defaults(func=cmd_model_register)
+    lst = model.add_parser("list", help="list model versions")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_model_list)
+    pro = model.add_parser("promote", help="make a version the production model")
+    pro.add_argument("version_id", type=int)
+    pro.set_defaults(func=cmd_model_promote)
+
+    demo = sub.add_parser("demo", help="run portal + worker on the embedded default (SQLite, no broker server)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--train-data", help="train the first model on this data folder instead of synthetic data")
+    demo.add_argument("--no-sample", action="store_true", help="do not queue the sample study")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `triage` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(settings, args))
+    except (ValueError, FileNotFoundError) as exc:  # RegistryError, WeightsError, bad files: user errors
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
