@@ -59,6 +59,8 @@ def _open_pil(data: bytes) -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(f"not an image: the content is not {SUPPORTED}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image file: {exc}") from None
     if image.format not in PIL_FORMATS:
         raise ImageDecodeError(f"unsupported image format {image.format}: use {SUPPORTED}")
     return image
