@@ -8,6 +8,7 @@ from celery import Celery
 from flask import Flask, current_app, g, request
 from flask_wtf import CSRFProtect
 from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import RequestEntityTooLarge
 from sqlalchemy.orm import Session
 
 from core import registry
@@ -32,6 +33,7 @@ def init_app(app: Flask, settings: Settings) -> None:
     app.extensions[SETTINGS_KEY] = settings
     app.extensions[DATABASE_KEY] = Database(settings)
     app.extensions[CELERY_KEY] = make_celery(settings, main="portal")
+    app.before_request(_refuse_oversized)
     csrf.init_app(app)
     app.teardown_appcontext(_close_session)
     app.context_processor(_template_globals)
@@ -83,6 +85,13 @@ def production_model() -> ModelVersion | None:
     if "production_model" not in g:
         g.production_model = registry.production_version(db_session())
     return g.production_model
+
+
+def _refuse_oversized() -> None:
+    """Answer 413 from the Content-Length header alone, before any other check reads the body."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and limit is not None and request.content_length > limit:
+        raise RequestEntityTooLarge()
 
 
 def _template_globals() -> dict[str, object]:

@@ -1,0 +1,225 @@
+"""Uploads through the API: checking, content-addressed storage, queueing after commit, zip rules."""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+from celery.signals import before_task_publish
+from flask.testing import FlaskClient
+from sqlalchemy import func, select
+
+from core.config import Settings
+from core.db import Database
+from core.models import Image, ImageStatus, Study
+from core.queue import CLASSIFY_CHUNK_TASK
+from core.storage import sha256_bytes
+from portal import create_app
+from tests.conftest import make_settings, xray_sample
+from tests.portal.conftest import broker_messages, files_under
+
+
+def _post(client: FlaskClient, name: str, files: dict[str, bytes] | None = None, archive: bytes | None = None):
+    data: dict[str, object] = {"name": name}
+    if files is not None:
+        data["files"] = [(io.BytesIO(content), filename) for filename, content in files.items()]
+    if archive is not None:
+        data["archive"] = (io.BytesIO(archive), "batch.zip")
+    return client.post("/api/studies", data=data, content_type="multipart/form-data")
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for name, content in members.items():
+            bundle.writestr(name, content)
+    return buffer.getvalue()
+
+
+def test_upload_stores_good_images_fails_bad_ones_and_queues_one_task_per_chunk_after_commit(
+    client: FlaskClient, db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    good = {path.name: path.read_bytes() for path in xray_sample(xrays_dir, 10)}
+    truncated = next(iter(good.values()))[:200]
+    bad = {"truncated.jpg": truncated, "notes.jpg": b"this is a text file, not a radiograph\n", "empty.jpg": b""}
+    seen_at_publish: list[list[tuple[int, str]]] = []
+
+    def check_committed(sender: str, body: tuple, **_: object) -> None:
+        study_id, image_ids = body[0]
+        with db.transaction() as other:  # a separate connection sees only committed rows
+            rows = other.execute(select(Image.id, Image.status).where(Image.id.in_(image_ids), Image.study_id == study_id))
+            seen_at_publish.append([(row.id, row.status.value) for row in rows])
+
+    before_task_publish.connect(check_committed, weak=False)
+    try:
+        response = _post(client, "ward 4", {**good, **bad})
+    finally:
+        before_task_publish.disconnect(check_committed)
+
+    assert response.status_code == 201, response.get_json()
+    body = response.get_json()
+    assert body["name"] == "ward 4" and body["model_version"]["id"] == production_model
+    assert body["status_url"] == f"/api/studies/{body['id']}"
+    results = {item["filename"]: item for item in body["files"]}
+    assert set(results) == set(good) | set(bad)
+    for name in good:
+        assert results[name]["status"] == "queued" and results[name]["error"] is None
+    assert results["truncated.jpg"]["status"] == "failed"
+    assert "truncated" in results["truncated.jpg"]["error"] or "corrupt" in results["truncated.jpg"]["error"]
+    assert results["notes.jpg"]["status"] == "failed" and "not an image" in results["notes.jpg"]["error"]
+    assert results["empty.jpg"]["status"] == "failed" and "empty file" in results["empty.jpg"]["error"]
+    assert body["counts"] == {**body["counts"], "queued": 10, "failed": 3, "total": 13}
+
+    with db.transaction() as session:
+        images = {image.filename: image for image in session.scalars(select(Image).where(Image.study_id == body["id"]))}
+    store = settings.storage_dir
+    for name, content in good.items():
+        digest = sha256_bytes(content)
+        assert images[name].sha256 == digest
+        assert (store / digest[:2] / digest).read_bytes() == content
+    assert all(images[name].storage_key is None for name in bad)
+
+    expected_chunks = math.ceil(len(good) / settings.chunk_size)
+    messages = broker_messages(settings)
+    assert body["tasks"] == expected_chunks == len(messages) == 2
+    assert {m["task"] for m in messages} == {CLASSIFY_CHUNK_TASK}
+    queued_ids = sorted(images[name].id for name in good)
+    assert sorted(i for m in messages for i in m["args"][1]) == queued_ids
+    assert all(m["args"][0] == body["id"] for m in messages)
+    # When each task was published, its images were already committed (visible to another connection).
+    assert len(seen_at_publish) == expected_chunks
+    assert sorted(i for rows in seen_at_publish for i, status in rows if status == "queued") == queued_ids
+
+
+def test_zip_upload_records_members_by_display_name_and_skips_junk(
+    client: FlaskClient, db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    first, second = (path.read_bytes() for path in xray_sample(xrays_dir, 2))
+    archive = _zip({
+        "batch/left wrist.jpg": first,
+        "batch/sub/right.jpg": second,
+        "batch/readme.txt": b"hello",
+        "__MACOSX/batch/._left wrist.jpg": b"\x00\x05junk",
+        "batch/.DS_Store": b"junk",
+    })
+    response = _post(client, "zipped", archive=archive)
+    assert response.status_code == 201, response.get_json()
+    files = {item["filename"]: item for item in response.get_json()["files"]}
+    assert set(files) == {"batch/left wrist.jpg", "batch/sub/right.jpg", "batch/readme.txt"}
+    assert files["batch/left wrist.jpg"]["status"] == "queued"
+    assert files["batch/sub/right.jpg"]["status"] == "queued"
+    assert files["batch/readme.txt"]["status"] == "failed"
+    assert {sha256_bytes(first), sha256_bytes(second)} == {p.name for p in files_under(settings.storage_dir)}
+    assert len(broker_messages(settings)) == 1
+
+
+@pytest.mark.parametrize("evil", ["../evil.jpg", "/abs.jpg", "batch/../../evil.jpg", "C:\\evil.jpg"])
+def test_zip_slip_is_refused_and_nothing_is_written(
+    client: FlaskClient, db: Database, settings: Settings, production_model: int, xrays_dir: Path, tmp_path: Path, evil: str
+) -> None:
+    image = xray_sample(xrays_dir, 1)[0].read_bytes()
+    before = files_under(tmp_path)
+    response = _post(client, "slip", archive=_zip({"ok.jpg": image, evil: image}))
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert evil in error or repr(evil) in error
+    assert "'..'" in error or "absolute" in error
+    # Nothing was stored (not even the good member), recorded or queued, and no file appeared anywhere.
+    new_files = files_under(tmp_path) - before
+    assert not [p for p in new_files if not p.name.startswith("triage.db")], new_files
+    assert not (tmp_path / "evil.jpg").exists() and not Path("/abs.jpg").exists()
+    assert broker_messages(settings) == []
+    with db.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(Study)) == 0
+
+
+def test_corrupt_zip_is_a_clear_400(client: FlaskClient, production_model: int, settings: Settings) -> None:
+    response = _post(client, "broken", archive=b"PK\x03\x04 this is not really a zip")
+    assert response.status_code == 400
+    assert "not a valid zip" in response.get_json()["error"]
+    assert broker_messages(settings) == []
+
+
+def test_zip_bomb_over_the_upload_limit_is_refused_with_413(
+    db: Database, tmp_path: Path, tiny_weights: dict[str, object]
+) -> None:
+    from tests.conftest import register_tiny_model
+
+    small = make_settings(tmp_path / "small", max_upload_mb=1)
+    from core.migrate import upgrade
+
+    upgrade(small.database_url)
+    small_db = Database(small)
+    register_tiny_model(small_db, small, tiny_weights)
+    client = create_app(small).test_client()
+    bomb = _zip({"zeros.jpg": b"\x00" * (3 * 1024 * 1024)})
+    assert len(bomb) < 100_000  # the request itself is small; only its content is large
+    response = _post(client, "bomb", archive=bomb)
+    assert response.status_code == 413
+    error = response.get_json()["error"]
+    assert "unpacks to" in error and "TRIAGE_MAX_UPLOAD_MB" in error
+    assert broker_messages(small) == []
+    small_db.dispose()
+
+
+def test_request_over_the_upload_limit_is_413_naming_the_setting(tmp_path: Path) -> None:
+    from core.migrate import upgrade
+
+    small = make_settings(tmp_path / "small", max_upload_mb=1)
+    upgrade(small.database_url)
+    client = create_app(small).test_client()
+    response = _post(client, "huge", {"big.jpg": b"\xff" * (2 * 1024 * 1024)})
+    assert response.status_code == 413
+    error = response.get_json()["error"]
+    assert "1 MB" in error and "TRIAGE_MAX_UPLOAD_MB" in error
+    page = client.post("/studies", data={"files": (io.BytesIO(b"\xff" * (2 * 1024 * 1024)), "big.jpg")},
+                       content_type="multipart/form-data")
+    assert page.status_code == 413 and b"TRIAGE_MAX_UPLOAD_MB" in page.data and page.mimetype == "text/html"
+
+
+def test_upload_without_a_production_model_is_409_and_records_nothing(
+    client: FlaskClient, db: Database, settings: Settings, xrays_dir: Path
+) -> None:
+    response = _post(client, "too early", {"a.jpg": xray_sample(xrays_dir, 1)[0].read_bytes()})
+    assert response.status_code == 409
+    error = response.get_json()["error"]
+    assert "No production model" in error and "--promote" in error
+    assert broker_messages(settings) == []
+    with db.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(Study)) == 0
+
+
+def test_upload_with_no_files_is_400(client: FlaskClient, production_model: int, settings: Settings) -> None:
+    response = client.post("/api/studies", data={"name": "nothing"}, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert "No files" in response.get_json()["error"]
+    empty_part = client.post("/api/studies", data={"name": "x", "files": (io.BytesIO(b""), "")},
+                             content_type="multipart/form-data")
+    assert empty_part.status_code == 400
+    assert broker_messages(settings) == []
+
+
+def test_html_upload_form_creates_study_and_redirects_to_its_page(
+    client: FlaskClient, production_model: int, settings: Settings, xrays_dir: Path
+) -> None:
+    from tests.portal.conftest import csrf_token
+
+    token = csrf_token(client.get("/").get_data(as_text=True))
+    image = xray_sample(xrays_dir, 1)[0]
+    response = client.post("/studies", data={
+        "csrf_token": token, "name": "from the form",
+        "files": [(io.BytesIO(image.read_bytes()), f"folder/{image.name}")],
+        "archive": (io.BytesIO(b""), ""),
+    }, content_type="multipart/form-data")
+    assert response.status_code == 303
+    assert response.headers["Location"].startswith("/studies/")
+    page = client.get(response.headers["Location"])
+    assert page.status_code == 200 and f"folder/{image.name}".encode() in page.data
+    assert len(broker_messages(settings)) == 1
+    # Without the CSRF token the form is refused.
+    refused = client.post("/studies", data={"name": "x", "files": [(io.BytesIO(b"x"), "a.jpg")]},
+                          content_type="multipart/form-data")
+    assert refused.status_code == 400 and b"CSRF" in refused.data
