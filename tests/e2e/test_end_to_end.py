@@ -108,7 +108,7 @@ def test_study_flows_from_upload_to_review(
 
     flagged = [item for item in results if item["flagged"]]
     assert flagged, "the random tiny model should leave some images under the 0.9 threshold"
-    queue = requests.get(f"{portal.url}/api/review-queue", timeout=30).json()["items"]
+    queue = requests.get(f"{portal.url}/api/review-queue", timeout=30).json()["cases"]
     assert {item["image_id"] for item in queue} == {item["id"] for item in flagged}
 
     case = flagged[0]
@@ -118,7 +118,7 @@ def test_study_flows_from_upload_to_review(
         timeout=30,
     )
     assert response.status_code == 201, response.text
-    queue_after = requests.get(f"{portal.url}/api/review-queue", timeout=30).json()["items"]
+    queue_after = requests.get(f"{portal.url}/api/review-queue", timeout=30).json()["cases"]
     assert case["id"] not in {item["image_id"] for item in queue_after}
     assert len(queue_after) == len(queue) - 1
     db.dispose()
