@@ -1,0 +1,107 @@
+"""Study status and results JSON, and reviewing flagged cases through the API and the HTML form."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from core.db import Database
+from core.models import Review
+from core.studies import finish_study_if_complete
+from tests.conftest import xray_sample
+from tests.portal.conftest import csrf_token, predict
+
+
+@pytest.fixture
+def study(client: FlaskClient, db: Database, production_model: int, xrays_dir: Path) -> dict[str, object]:
+    """A study of 3 radiographs and one bad file; images 1 and 3 predicted with low confidence (flagged)."""
+    files = [(io.BytesIO(p.read_bytes()), p.name) for p in xray_sample(xrays_dir, 3)]
+    files.append((io.BytesIO(b"not an image"), "bad.jpg"))
+    response = client.post("/api/studies", data={"name": "results", "files": files}, content_type="multipart/form-data")
+    assert response.status_code == 201
+    body = response.get_json()
+    good = [item["id"] for item in body["files"] if item["status"] == "queued"]
+    predict(db, good, [0.55, 0.97, 0.6])  # tiny model threshold is 0.9
+    with db.transaction() as session:
+        assert finish_study_if_complete(session, body["id"])
+    return {"id": body["id"], "good": good, "bad": [item["id"] for item in body["files"] if item["status"] == "failed"]}
+
+
+def test_status_and_results_report_counts_predictions_and_errors(client: FlaskClient, study: dict, production_model: int) -> None:
+    status = client.get(f"/api/studies/{study['id']}").get_json()
+    assert status["status"] == "done"
+    assert status["counts"] == {"queued": 0, "processing": 0, "done": 3, "failed": 1, "total": 4, "flagged": 2}
+    results = client.get(f"/api/studies/{study['id']}/results").get_json()
+    images = {image["id"]: image for image in results["images"]}
+    first, second, _ = study["good"]
+    assert images[first]["flagged"] is True and images[first]["flag_reason"] == "low confidence"
+    assert images[first]["confidence"] == pytest.approx(0.55)
+    assert images[first]["label"] == "fracture" and set(images[first]["probabilities"]) == {"fracture", "no_fracture"}
+    assert images[first]["model_version_id"] == production_model
+    assert images[second]["flagged"] is False
+    (bad,) = study["bad"]
+    assert images[bad]["status"] == "failed" and "not an image" in images[bad]["error"]
+    assert images[bad]["label"] is None and images[bad]["file_url"] is None
+    listing = client.get("/api/studies").get_json()["studies"]
+    assert [s["id"] for s in listing] == [study["id"]] and listing[0]["counts"]["flagged"] == 2
+    assert client.get("/api/studies/9999").status_code == 404
+    assert client.get("/api/studies/9999").get_json() == {"error": "study #9999 not found"}
+
+
+def test_review_through_the_api_removes_the_case_from_the_queue(client: FlaskClient, db: Database, study: dict) -> None:
+    first, _, third = study["good"]
+    queue = client.get("/api/review-queue").get_json()
+    assert [case["image_id"] for case in queue["cases"]] == [first, third]  # oldest first, only flagged
+    assert queue["cases"][0]["labels"] == ["fracture", "no_fracture"]
+
+    response = client.post(f"/api/images/{first}/review", json={"label": "no_fracture", "reviewer": "dr who", "note": "rotated"})
+    assert response.status_code == 201
+    assert response.get_json()["label"] == "no_fracture"
+    with db.transaction() as session:
+        (review,) = session.scalars(select(Review).where(Review.image_id == first))
+        assert (review.reviewer_name, review.note) == ("dr who", "rotated")
+    assert [case["image_id"] for case in client.get("/api/review-queue").get_json()["cases"]] == [third]
+    assert client.get(f"/api/review-queue?study={study['id'] + 1}").get_json()["count"] == 0
+
+
+def test_review_with_bad_input_is_refused(client: FlaskClient, db: Database, study: dict) -> None:
+    first = study["good"][0]
+    unknown = client.post(f"/api/images/{first}/review", json={"label": "broken_leg", "reviewer": "dr who"})
+    assert unknown.status_code == 400
+    assert "label must be one of fracture, no_fracture" in unknown.get_json()["error"]
+    assert client.post(f"/api/images/{first}/review", json={"label": "fracture"}).status_code == 400
+    assert client.post(f"/api/images/{first}/review", data="label=fracture").status_code == 400
+    assert client.post("/api/images/9999/review", json={"label": "fracture", "reviewer": "x"}).status_code == 404
+    failed = client.post(f"/api/images/{study['bad'][0]}/review", json={"label": "fracture", "reviewer": "x"})
+    assert failed.status_code == 409
+    with db.transaction() as session:
+        assert session.scalars(select(Review)).all() == []
+
+
+def test_review_through_the_html_form_with_csrf_goes_to_the_next_case(client: FlaskClient, db: Database, study: dict) -> None:
+    first, _, third = study["good"]
+    page = client.get("/review").get_data(as_text=True)
+    assert f'id="case-{first}"' in page and f'id="case-{third}"' in page
+    assert "55.0%" in page and "45.0%" in page  # probability of every class is shown
+    assert '<option value="no_fracture">' in page
+
+    without_token = client.post(f"/review/{first}", data={"label": "fracture", "reviewer": "dr who"})
+    assert without_token.status_code == 400
+
+    response = client.post(f"/review/{first}", data={
+        "csrf_token": csrf_token(page), "label": "fracture", "reviewer": "dr who", "note": ""})
+    assert response.status_code == 303
+    assert response.headers["Location"] == f"/review#case-{third}"
+    with db.transaction() as session:
+        (review,) = session.scalars(select(Review).where(Review.image_id == first))
+        assert (review.label, review.reviewer_name, review.note) == ("fracture", "dr who", None)
+    after = client.get("/review").get_data(as_text=True)
+    assert f'id="case-{first}"' not in after and f'id="case-{third}"' in after
+    assert 'value="dr who"' in after  # the reviewer's name is remembered
+
+    bad_label = client.post(f"/review/{third}", data={"csrf_token": csrf_token(after), "label": "nope", "reviewer": "dr who"})
+    assert bad_label.status_code == 400 and b"label must be one of" in bad_label.data
