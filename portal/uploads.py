@@ -22,7 +22,7 @@ from core import registry
 from core.config import Settings
 from core.models import Image, ImageStatus, ModelVersion, Study
 from core.queue import enqueue_images
-from core.studies import add_upload, create_study
+from core.studies import add_upload, create_study, finish_study_if_complete
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,11 @@ def submit_study(
     """Record a study with every file, commit, then queue the good images in chunks."""
     study = create_study(session, name.strip(), model_version)
     images = [add_upload(session, settings, study, filename, data) for filename, data in files]
-    session.commit()
     queued = [image.id for image in images if image.status == ImageStatus.QUEUED]
+    if not queued:  # every file was refused: no worker will ever finish this study, so finish it now
+        finish_study_if_complete(session, study.id)
+        session.refresh(study)
+    session.commit()
     try:
         tasks = enqueue_images(celery, study.id, queued, settings.chunk_size)
     except Exception as exc:  # kombu raises many types; the study is saved, the user must know

@@ -223,3 +223,15 @@ def test_html_upload_form_creates_study_and_redirects_to_its_page(
     refused = client.post("/studies", data={"name": "x", "files": [(io.BytesIO(b"x"), "a.jpg")]},
                           content_type="multipart/form-data")
     assert refused.status_code == 400 and b"CSRF" in refused.data
+
+
+def test_study_whose_every_file_is_refused_is_done_at_once_with_no_task(
+    client: FlaskClient, production_model: int, settings: Settings
+) -> None:
+    response = _post(client, "all bad", {"a.jpg": b"", "b.jpg": b"text"})
+    assert response.status_code == 201
+    body = response.get_json()
+    assert body["status"] == "done" and body["tasks"] == 0
+    assert body["counts"]["failed"] == 2 and body["counts"]["total"] == 2
+    assert broker_messages(settings) == []
+    assert client.get(f"/api/studies/{body['id']}").get_json()["status"] == "done"
