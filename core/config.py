@@ -69,6 +69,21 @@ class Settings(BaseModel):
     torch_threads: int = Field(
         default=0, ge=0, le=256, description="CPU threads for torch in a worker process (0: auto)."
     )
+    fast_jpeg_decode: bool = Field(
+        default=False,
+        description="Let the JPEG decoder downscale large radiographs in the DCT domain to about the "
+        "model's input size (several times faster; probabilities differ slightly from a full decode).",
+    )
+    runtime: Literal["torch", "onnx", "onnx-int8", "standin"] = Field(
+        default="torch",
+        description="Inference runtime: torch, onnx (ONNX Runtime fp32), onnx-int8 (statically "
+        "quantized, CPU), or standin (benchmarks only: no model, constant output).",
+    )
+    reconcile_after_s: int = Field(
+        default=900,
+        ge=10,
+        description="The reconciler re-enqueues images queued or processing for longer than this.",
+    )
     max_image_attempts: int = Field(
         default=3,
         ge=1,
@@ -77,7 +92,7 @@ class Settings(BaseModel):
     )
     visibility_timeout_s: int = Field(
         default=3600,
-        ge=60,
+        ge=1,
         description="Redis broker: seconds before an unacknowledged task is redelivered.",
     )
     broker_poll_interval_s: float = Field(

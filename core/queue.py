@@ -23,12 +23,13 @@ def celery_config(settings: Settings) -> dict[str, object]:
     transport_options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.broker_url.startswith("filesystem"):
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": settings.broker_poll_interval_s,
         }

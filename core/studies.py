@@ -119,6 +119,7 @@ def save_predictions(session: Session, model_version_id: int, results: Sequence[
 
     ``results`` pairs each image with an object that has ``probabilities``, ``label``,
     ``confidence``, ``flagged`` and ``flag_reason`` (a :class:`core.ml.predict.PredictionResult`).
+    One multi-row INSERT and one UPDATE per call, whatever the batch size.
     """
     if not results:
         return
@@ -139,10 +140,12 @@ def save_predictions(session: Session, model_version_id: int, results: Sequence[
             for image, result in results
         ],
     )
-    for image, _ in results:
-        image.status = ImageStatus.DONE
-        image.error = None
-    session.flush()
+    session.execute(
+        update(Image)
+        .where(Image.id.in_([image.id for image, _ in results]))
+        .values(status=ImageStatus.DONE, error=None, updated_at=now)
+        .execution_options(synchronize_session="evaluate")
+    )
 
 
 def fail_image(image: Image, message: str) -> None:

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
 from PIL import Image as PILImage
+from sqlalchemy import select
 
 from core.config import Settings
 from core.db import Database
 from core.imaging import ImageDecodeError, decode_image
-from core.ml.predict import Predictor
+from core.ml.predict import Predictor, load_predictor
 from core.models import Image, Study
-from core.registry import ModelSpec, weights_path
+from core.registry import ModelSpec
 from core.storage import ContentStore
 from core.studies import claim_images, fail_image, finish_study_if_complete, image_store, save_predictions
 
@@ -30,37 +31,31 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ChunkReport:
-    """What one chunk did: counts for logs and tests."""
+    """What one chunk did, and where its time went (seconds), for logs, tests and benchmarks."""
 
     study_id: int
     predicted: int = 0
     failed: int = 0
     skipped: int = 0
     study_done: bool = False
+    seconds: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "decode_wait": 0.0, "model": 0.0, "database": 0.0})
 
 
 class PredictorCache:
-    """Loaded predictors of this process, keyed by (version id, weights sha256); bounded LRU."""
+    """Loaded predictors of this process, keyed by (version id, weights sha256, runtime); bounded LRU."""
 
     def __init__(self, settings: Settings, capacity: int = 2) -> None:
         self.settings = settings
         self.capacity = capacity
-        self._items: OrderedDict[tuple[int, str], Predictor] = OrderedDict()
+        self._items: OrderedDict[tuple[int, str, str], Predictor] = OrderedDict()
 
     def get(self, spec: ModelSpec) -> Predictor:
         """The predictor for ``spec``, loading it on first use in this process."""
-        key = spec.cache_key
+        key = (*spec.cache_key, self.settings.runtime)
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
-        predictor = Predictor(
-            spec,
-            weights_path(self.settings, spec.weights_sha256),
-            device=self.settings.device,
-            batch_size=self.settings.batch_size,
-        )
+        predictor = load_predictor(spec, self.settings)
         self._items[key] = predictor
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
@@ -70,7 +65,7 @@ class PredictorCache:
 DecodeOutcome = PILImage.Image | ImageDecodeError
 
 
-def _decode_one(store: ContentStore, key: str | None, max_pixels: int) -> DecodeOutcome:
+def _decode_one(store: ContentStore, key: str | None, max_pixels: int, draft_size: tuple[int, int] | None) -> DecodeOutcome:
     if key is None:
         return ImageDecodeError("no stored bytes for this image")
     try:
@@ -78,20 +73,25 @@ def _decode_one(store: ContentStore, key: str | None, max_pixels: int) -> Decode
     except FileNotFoundError:
         return ImageDecodeError("stored image file is missing from the image store")
     try:
-        return decode_image(data, max_pixels)
+        return decode_image(data, max_pixels, draft_size=draft_size)
     except ImageDecodeError as exc:
         return exc
 
 
 def decoded_batches(
-    images: Sequence[Image], store: ContentStore, batch_size: int, max_pixels: int, workers: int
+    images: Sequence[Image],
+    store: ContentStore,
+    batch_size: int,
+    max_pixels: int,
+    workers: int,
+    draft_size: tuple[int, int] | None = None,
 ) -> Iterator[list[tuple[Image, DecodeOutcome]]]:
     """Yield batches of (image row, decoded picture or error), decoding the next batch ahead."""
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
 
         def submit(batch: Sequence[Image]) -> list[tuple[Image, Future[DecodeOutcome]]]:
-            return [(row, pool.submit(_decode_one, store, row.storage_key, max_pixels)) for row in batch]
+            return [(row, pool.submit(_decode_one, store, row.storage_key, max_pixels, draft_size)) for row in batch]
 
         pending = submit(batches[0]) if batches else []
         for index in range(len(batches)):
@@ -107,6 +107,7 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
     version) pair is written at most once, so a redelivered task changes nothing.
     """
     report = ChunkReport(study_id=study_id)
+    clock = time.perf_counter()
     with db.transaction() as session:
         study = session.get(Study, study_id)
         if study is None:
@@ -116,23 +117,39 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
         spec = ModelSpec.from_version(study.model_version)
         report.failed += len(chunk.gave_up)
         report.skipped = len(image_ids) - len(chunk.images) - len(chunk.gave_up)
-        work = [(image.id, image.storage_key) for image in chunk.images]
-    if work:
+        work_ids = [image.id for image in chunk.images]
+    report.seconds["database"] += time.perf_counter() - clock
+    if work_ids:
+        clock = time.perf_counter()
         predictor = cache.get(spec)
-        store = image_store(settings)
+        report.seconds["load"] += time.perf_counter() - clock
+        _, height, width = spec.preprocessing["input_size"]
+        draft = (int(width), int(height)) if settings.fast_jpeg_decode else None
         decode_workers = max(1, min(8, os.cpu_count() or 1))
         with db.transaction() as session:
-            rows = [session.get(Image, image_id) for image_id, _ in work]
-            for batch in decoded_batches(rows, store, settings.batch_size, settings.max_image_pixels, decode_workers):
+            rows = list(session.scalars(select(Image).where(Image.id.in_(work_ids)).order_by(Image.id)))
+            batches = decoded_batches(rows, image_store(settings), settings.batch_size, settings.max_image_pixels, decode_workers, draft)
+            while True:
+                clock = time.perf_counter()
+                batch = next(batches, None)
+                report.seconds["decode_wait"] += time.perf_counter() - clock
+                if batch is None:
+                    break
                 good = [(row, picture) for row, picture in batch if not isinstance(picture, ImageDecodeError)]
                 for row, picture in batch:
                     if isinstance(picture, ImageDecodeError):
                         fail_image(row, str(picture))
                         report.failed += 1
+                clock = time.perf_counter()
                 results = predictor.predict_images([picture for _, picture in good]) if good else []
+                report.seconds["model"] += time.perf_counter() - clock
+                clock = time.perf_counter()
                 save_predictions(session, spec.version_id, [(row, result) for (row, _), result in zip(good, results)])
-                report.predicted += len(results)
                 session.commit()
+                report.seconds["database"] += time.perf_counter() - clock
+                report.predicted += len(results)
+    clock = time.perf_counter()
     with db.transaction() as session:
         report.study_done = finish_study_if_complete(session, study_id)
+    report.seconds["database"] += time.perf_counter() - clock
     return report

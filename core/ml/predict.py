@@ -17,6 +17,7 @@ from torch import nn
 
 from core.ml.modelio import create_model, load_state_dict_file, load_weights
 from core.ml.transforms import build_transform, preprocess_batch
+from core.config import Settings
 from core.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -75,23 +76,46 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         log.info("loaded model version %s (%s) on %s", spec.version_id, spec.architecture, self.device)
 
+    @classmethod
+    def from_model(cls, spec: ModelSpec, model: nn.Module, device: str = "auto", batch_size: int = 32) -> "Predictor":
+        """A predictor around a model already in memory (the trainer's evaluation), same code path."""
+        predictor = cls.__new__(cls)
+        predictor.spec = spec
+        predictor.device = resolve_device(device)
+        predictor.batch_size = batch_size
+        predictor.transform = build_transform(spec.preprocessing, training=False)
+        predictor.model = model.eval().to(predictor.device)
+        if predictor.device.type == "cuda":
+            predictor.model = predictor.model.to(memory_format=torch.channels_last)
+        return predictor
+
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """Decoded RGB images -> a normalised batch tensor (same transform as evaluation)."""
         return preprocess_batch(images, self.transform)
+
+    @torch.inference_mode()
+    def _logits(self, part: torch.Tensor) -> torch.Tensor:
+        part = part.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            part = part.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(part).float()
+        return self.model(part).float()
+
+    def predict_logits(self, batch: torch.Tensor) -> np.ndarray:
+        """Raw logits ``[N, classes]`` (before temperature) for a preprocessed batch."""
+        outputs = [self._logits(batch[start : start + self.batch_size]).cpu().numpy() for start in range(0, batch.shape[0], self.batch_size)]
+        if not outputs:
+            return np.zeros((0, len(self.spec.labels)), dtype=np.float32)
+        return np.concatenate(outputs)
 
     @torch.inference_mode()
     def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities ``[N, classes]`` for a preprocessed batch, in slices of ``batch_size``."""
         outputs = []
         for start in range(0, batch.shape[0], self.batch_size):
-            part = batch[start : start + self.batch_size].to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                part = part.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = self.model(part)
-            else:
-                logits = self.model(part)
-            probs = torch.softmax(logits.float() / self.spec.temperature, dim=1)
+            logits = self._logits(batch[start : start + self.batch_size])
+            probs = torch.softmax(logits / self.spec.temperature, dim=1)
             outputs.append(probs.cpu().numpy())
         if not outputs:
             return np.zeros((0, len(self.spec.labels)), dtype=np.float32)
@@ -103,3 +127,37 @@ class Predictor:
             return []
         probabilities = self.predict_tensor(self.preprocess(images))
         return [flag_result(row, self.spec.labels, self.spec.threshold) for row in probabilities]
+
+
+class StandInPredictor(Predictor):
+    """Benchmarks only: preprocesses like the real model, then returns fixed logits at no cost.
+
+    Used to measure the ceiling of queue, database, storage and decode without a model
+    (``TRIAGE_RUNTIME=standin``); it never serves a real study.
+    """
+
+    def __init__(self, spec: ModelSpec, batch_size: int = 32) -> None:
+        self.spec = spec
+        self.device = torch.device("cpu")
+        self.batch_size = batch_size
+        self.transform = build_transform(spec.preprocessing, training=False)
+        self._fixed = torch.linspace(1.0, 0.0, len(spec.labels))
+        log.warning("stand-in runtime: constant output for model version %s (benchmarks only)", spec.version_id)
+
+    def _logits(self, part: torch.Tensor) -> torch.Tensor:
+        return self._fixed.expand(part.shape[0], -1)
+
+
+def load_predictor(spec: ModelSpec, settings: Settings) -> Predictor:
+    """Build the runtime that ``settings.runtime`` names for ``spec`` (weights from the registry)."""
+    from core.registry import weights_path
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if settings.runtime == "standin":
+        return StandInPredictor(spec, batch_size=settings.batch_size)
+    if settings.runtime in ("onnx", "onnx-int8"):
+        from core.ml.onnx_runtime import OnnxPredictor
+
+        return OnnxPredictor.for_spec(spec, settings)
+    return Predictor(spec, weights_path(settings, spec.weights_sha256), device=settings.device, batch_size=settings.batch_size)
