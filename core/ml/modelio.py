@@ -87,3 +87,54 @@ def convert_to_safetensors(source: Path, target: Path, architecture: str, num_cl
     state = load_state_dict_file(source)
     model = load_weights(create_model(architecture, num_classes), state)
     return save_weights(model, target, {"architecture": architecture, "num_classes": str(num_classes)})
+
+
+class PretrainedUnavailable(RuntimeError):
+    """Pretrained weights were asked for but cannot be had; the message says which option to use."""
+
+
+def build_model(architecture: str, num_classes: int, pretrained: str = "none", **kwargs: object) -> nn.Module:
+    """A timm model for training, initialised from the hub, from a local file, or at random.
+
+    Args:
+        pretrained: ``"none"`` (random init), ``"hub"`` (download from the model hub) or a path to a
+            ``.safetensors``/``.pth`` file; a classifier head whose shape differs is left new.
+
+    Raises:
+        PretrainedUnavailable: when the hub cannot be reached or the file does not fit.
+        WeightsError: when timm has no such architecture.
+    """
+    if pretrained in ("", "none"):
+        return create_model(architecture, num_classes, **kwargs)
+    if pretrained == "hub":
+        try:
+            return create_model(architecture, num_classes, pretrained=True, **kwargs)
+        except WeightsError:
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise PretrainedUnavailable(
+                f"cannot get pretrained weights for {architecture} from the model hub ({type(exc).__name__}); "
+                "use --pretrained PATH (a local .safetensors/.pth file) or --pretrained none to train from scratch"
+            ) from None
+    path = Path(pretrained)
+    if not path.is_file():
+        raise PretrainedUnavailable(f"pretrained weights file {path} not found; use --pretrained hub, PATH or none")
+    model = create_model(architecture, num_classes, **kwargs)
+    try:
+        state = load_state_dict_file(path)
+    except WeightsError as exc:
+        raise PretrainedUnavailable(str(exc)) from None
+    own = model.state_dict()
+    fitting = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
+    skipped = sorted(set(state) - set(fitting))
+    missing = sorted(set(own) - set(fitting))
+    head = str(getattr(model, "default_cfg", {}).get("classifier", "")) or "classifier"
+    unexpected_missing = [key for key in missing if not key.startswith(head)]
+    if unexpected_missing:
+        raise PretrainedUnavailable(
+            f"{path.name} does not fit {architecture}: {len(unexpected_missing)} tensors missing "
+            f"(e.g. {unexpected_missing[:3]}); use weights saved from the same architecture"
+        )
+    model.load_state_dict(fitting, strict=False)
+    log.info("initialised %s from %s (new head: %s; skipped %d tensors)", architecture, path.name, missing, len(skipped))
+    return model

@@ -1,0 +1,135 @@
+"""The training recipe as data: defaults, per-architecture presets, YAML overrides.
+
+Precedence (later wins): :class:`TrainConfig` defaults < :data:`ARCH_PRESETS` for the chosen
+architecture < a YAML file < command-line flags. The resolved config is saved with every run and
+recorded with the registered model version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.ml.transforms import DEFAULT_AUGMENTATION, IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+#: Settings the original fracture project used for its two architectures.
+ARCH_PRESETS: dict[str, dict[str, Any]] = {
+    "tf_efficientnetv2_s.in21k_ft_in1k": {"batch_size": 32},
+    "convnextv2_base.fcmae_ft_in22k_in1k": {"batch_size": 16, "drop_rate": 0.2},
+}
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be read or names unknown settings."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; the defaults reproduce the original project's recipe."""
+
+    arch: str = "tf_efficientnetv2_s.in21k_ft_in1k"
+    pretrained: str = "none"  # "none", "hub", or a path to a .safetensors/.pth file
+    image_size: int = 224
+    interpolation: str = "bilinear"
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    batch_size: int = 32
+    epochs: int = 30
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    drop_rate: float = 0.0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    min_lr: float = 1e-7
+    early_stopping_patience: int = 5
+    seed: int = 42
+    balance: str = "sampler"  # "sampler" (weighted sampler), "loss" (class weights) or "none"
+    augmentation: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AUGMENTATION))
+    threshold_target: str = "error"  # "error": error among unflagged <= target_error; "flag_rate"
+    target_error: float = 0.01
+    target_flag_rate: float = 0.1
+    ece_bins: int = 15
+    max_per_class: int | None = None  # subsample each split/class (quick runs); None: all
+    num_workers: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.balance not in ("sampler", "loss", "none"):
+            raise ConfigFileError(f"balance must be sampler, loss or none, got {self.balance!r}")
+        if self.threshold_target not in ("error", "flag_rate"):
+            raise ConfigFileError(f"threshold_target must be error or flag_rate, got {self.threshold_target!r}")
+        if self.image_size < 16 or self.batch_size < 1 or self.epochs < 1:
+            raise ConfigFileError("image_size >= 16, batch_size >= 1 and epochs >= 1 are required")
+        if not 0.0 <= self.target_error < 1.0 or not 0.0 <= self.target_flag_rate <= 1.0:
+            raise ConfigFileError("target_error must be in [0, 1) and target_flag_rate in [0, 1]")
+        unknown = set(self.augmentation) - set(DEFAULT_AUGMENTATION)
+        if unknown:
+            raise ConfigFileError(f"unknown augmentation setting(s): {', '.join(sorted(unknown))}")
+        self.augmentation = {**DEFAULT_AUGMENTATION, **self.augmentation}
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The serving preprocessing config that travels with the model version."""
+        return {
+            "input_size": [3, self.image_size, self.image_size],
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "interpolation": self.interpolation,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for YAML/JSON and the registry."""
+        return dataclasses.asdict(self)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping of overrides.
+
+    Raises:
+        ConfigFileError: when the file is not a YAML mapping or names unknown settings.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigFileError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"config file {path} must hold a mapping of settings")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigFileError(f"config file {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return data
+
+
+def resolve_config(
+    arch: str | None = None, config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults < preset for the architecture < config file < explicit overrides (``None`` ignored)."""
+    file_values = read_config_file(config_file) if config_file else {}
+    cli_values = {key: value for key, value in (overrides or {}).items() if value is not None}
+    chosen_arch = cli_values.get("arch") or arch or file_values.get("arch") or TrainConfig.arch
+    values: dict[str, Any] = {"arch": chosen_arch}
+    values.update(ARCH_PRESETS.get(chosen_arch, {}))
+    values.update(file_values)
+    values.update(cli_values)
+    values["arch"] = chosen_arch
+    if "augmentation" in file_values and isinstance(file_values["augmentation"], dict):
+        values["augmentation"] = {**DEFAULT_AUGMENTATION, **file_values["augmentation"]}
+    try:
+        return TrainConfig(**values)
+    except TypeError as exc:
+        raise ConfigFileError(f"invalid settings: {exc}") from None
+
+
+def save_config(config: TrainConfig, path: Path) -> Path:
+    """Write the resolved config as YAML (readable back with ``--config``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+    return path

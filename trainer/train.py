@@ -1,0 +1,440 @@
+"""The fit loop and a whole training run: check, train, evaluate, calibrate, save, register.
+
+Recipe (all from :class:`trainer.config.TrainConfig`): Adam, cross-entropy, ReduceLROnPlateau on
+validation accuracy, early stopping with the best weights restored, a fixed seed. Every epoch ends
+with a checkpoint holding the model, optimizer, scheduler, early-stopping state and every random
+number generator, so a run killed at any point resumes and ends with the same weights as one that
+was never interrupted. On CUDA: bf16 autocast and channels_last; CPU works too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from core.ml.modelio import build_model, save_weights
+from core.ml.predict import Predictor, resolve_device
+from core.registry import ModelSpec
+from trainer.calibrate import choose_threshold, fit_temperature, softmax
+from trainer.config import TrainConfig, save_config
+from trainer.data import (
+    DEFAULT_MAX_PIXELS,
+    Sample,
+    TrainingDataset,
+    class_counts,
+    class_names,
+    class_weights,
+    dataset_fingerprint,
+    eval_tensors,
+    list_samples,
+    weighted_sampler,
+)
+from trainer.datacheck import DataCheckReport, LeakageError, check_dataset
+from trainer.evaluate import classification_report, expected_calibration_error, format_report, save_plots, write_json
+from trainer.synthetic import is_synthetic
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN loss, unusable data, a checkpoint of another run)."""
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator that orders the training samples."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        "torch": torch.get_rng_state(),
+        "sampler": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    version, keys, *rest = state["python"]
+    random.setstate((version, tuple(keys), *rest))
+    name, keys_np, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys_np.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically, so a kill during the write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """Config keys that must match for a resume (the epoch budget may be extended)."""
+    return {k: v for k, v in config.items() if k not in ("epochs", "num_workers", "device")}
+
+
+@torch.inference_mode()
+def _validate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on preprocessed tensors."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(targets), batch_size):
+        x = images[start : start + batch_size].to(device)
+        y = targets[start : start + batch_size].to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(x).float()
+        else:
+            logits = model(x)
+        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    n = max(len(targets), 1)
+    return total_loss / n, correct / n
+
+
+@dataclass
+class FitResult:
+    """What the fit loop produced (the model itself carries the restored best weights)."""
+
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_acc: float
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+
+
+def fit(
+    model: nn.Module,
+    train_set: TrainingDataset,
+    val_images: torch.Tensor,
+    val_targets: torch.Tensor,
+    config: TrainConfig,
+    run_dir: Path,
+    generator: torch.Generator,
+    num_classes: int,
+    resume: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+) -> FitResult:
+    """Train ``model`` in place; checkpoint every epoch in ``run_dir``; restore the best weights.
+
+    Args:
+        generator: the seeded generator that orders training samples (saved in checkpoints).
+        resume: continue from ``run_dir/checkpoint.pt`` (same config; more epochs allowed).
+        on_epoch_end: called with ``(epoch, metrics)`` after each checkpoint (tests, progress).
+
+    Raises:
+        TrainingError: on a NaN/inf loss, or a checkpoint whose config differs from ``config``.
+    """
+    device = resolve_device(config.device)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience, min_lr=config.min_lr
+    )
+    weight = class_weights(train_set.samples, num_classes).to(device) if config.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(weight=weight)
+    if config.balance == "sampler":
+        loader = DataLoader(
+            train_set, batch_size=config.batch_size, sampler=weighted_sampler(train_set.samples, num_classes, generator),
+            num_workers=config.num_workers, generator=generator,
+        )
+    else:
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers, generator=generator)
+
+    checkpoint_path = run_dir / CHECKPOINT
+    history: list[dict[str, float]] = []
+    best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
+    bad_epochs, start_epoch, stopped = 0, 0, False
+    elapsed = 0.0
+    if resume:
+        if not checkpoint_path.is_file():
+            raise TrainingError(f"cannot resume: no {CHECKPOINT} in {run_dir}")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if _comparable(checkpoint["config"]) != _comparable(config.to_dict()):
+            differing = sorted(k for k in _comparable(config.to_dict()) if checkpoint["config"].get(k) != config.to_dict()[k])
+            raise TrainingError(f"cannot resume {run_dir}: its checkpoint was made with different settings ({', '.join(differing)})")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        history = list(checkpoint["history"])
+        best = dict(checkpoint["best"])
+        bad_epochs, start_epoch, stopped = int(checkpoint["bad_epochs"]), int(checkpoint["epoch"]), bool(checkpoint["stopped"])
+        elapsed = float(checkpoint.get("seconds", 0.0))
+        _set_rng_state(checkpoint["rng"], generator)
+        log.info("resumed %s after epoch %d", run_dir, start_epoch)
+
+    use_amp = device.type == "cuda"
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        if stopped:
+            break
+        started = time.perf_counter()
+        model.train()
+        seen, loss_sum, correct = 0, 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {float(loss)} at epoch {epoch} step {step}: lower the learning rate (now "
+                    f"{optimizer.param_groups[0]['lr']:.2e}) or check the data; the last good checkpoint is {checkpoint_path}"
+                )
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        val_loss, val_acc = _validate(model, val_images, val_targets, config.batch_size * 2, device)
+        scheduler.step(val_acc)
+        improved = val_acc > best["val_acc"] + 1e-12 or (abs(val_acc - best["val_acc"]) <= 1e-12 and val_loss < best["val_loss"])
+        if improved:
+            best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        seconds = time.perf_counter() - started
+        elapsed += seconds
+        row = {
+            "epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+        }
+        history.append(row)
+        log.info(
+            "epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.2e %.1fs%s",
+            epoch, config.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, row["lr"], seconds, " *" if improved else "",
+        )
+        if bad_epochs >= config.early_stopping_patience:
+            stopped = True
+            log.info("early stopping after epoch %d: no better validation accuracy for %d epochs", epoch, bad_epochs)
+        _save_checkpoint(
+            checkpoint_path,
+            {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "best": best, "bad_epochs": bad_epochs, "stopped": stopped, "history": history, "seconds": elapsed,
+                "rng": _rng_state(generator), "config": config.to_dict(),
+            },
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+        log.info("restored the best weights (epoch %d, val_acc=%.4f)", best["epoch"], best["val_acc"])
+    return FitResult(history, int(best["epoch"]), float(best["val_acc"]), len(history), stopped, elapsed)
+
+
+def code_version() -> str:
+    """``git describe``-like id of the code (commit, ``-dirty`` when modified), or ``unknown``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "core", "trainer"], cwd=root, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+@dataclass
+class RunResult:
+    """Artifacts and numbers of a finished run, ready to register."""
+
+    run_dir: Path
+    weights_file: Path
+    architecture: str
+    labels: list[str]
+    preprocessing: dict[str, Any]
+    temperature: float
+    threshold: float
+    metrics: dict[str, Any]
+    extra: dict[str, Any]
+    config: TrainConfig
+    datacheck: DataCheckReport | None = None
+    version_id: int | None = None
+    fit: FitResult | None = field(default=None, repr=False)
+
+
+def default_run_dir(base: Path, arch: str) -> Path:
+    """``base/runs/<UTC timestamp>-<arch>``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path(base) / "runs" / f"{stamp}-{arch.replace('/', '_')}"
+
+
+def run_training(
+    data_dir: Path,
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    allow_leakage: bool = False,
+    check: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    on_epoch_end: EpochCallback | None = None,
+) -> RunResult:
+    """Check the data, train, restore the best weights, calibrate, evaluate on test, save artifacts.
+
+    Artifacts in ``run_dir``: ``config.yaml`` (resolved), ``checkpoint.pt``, ``model.safetensors``,
+    ``metrics.json``, ``datacheck.json`` and PNG plots.
+
+    Raises:
+        LeakageError: when the check finds cross-split leakage and ``allow_leakage`` is false.
+        TrainingError: on NaN loss, empty splits or an incompatible checkpoint.
+    """
+    data_dir = Path(data_dir).resolve()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    labels = class_names(data_dir)
+    save_config(config, run_dir / "config.yaml")
+
+    report: DataCheckReport | None = None
+    unreadable: set[Path] = set()
+    if check:
+        report = check_dataset(data_dir, max_pixels=max_pixels)
+        write_json(report.to_dict(), run_dir / "datacheck.json")
+        for line in report.summary_lines():
+            log.info("data check: %s", line)
+        if report.has_leakage and not allow_leakage:
+            raise LeakageError(
+                f"the data set leaks across splits ({report.leakage_summary()}); see {run_dir / 'datacheck.json'}. "
+                "Fix the splits, or pass --allow-leakage to train anyway (test numbers will be optimistic)"
+            )
+        unreadable = {Path(p) for p, _ in report.unreadable}
+
+    samples = {
+        split: [s for s in list_samples(data_dir, split, labels, config.max_per_class, config.seed) if s.path not in unreadable]
+        for split in ("train", "val", "test")
+    }
+    for split, items in samples.items():
+        if not items:
+            raise TrainingError(f"the {split} split of {data_dir} has no readable images")
+    log.info("classes %s; images train=%d val=%d test=%d", labels, *(len(samples[s]) for s in ("train", "val", "test")))
+
+    generator = seed_everything(config.seed)
+    preprocessing = config.preprocessing()
+    model = build_model(config.arch, len(labels), config.pretrained, drop_rate=config.drop_rate)
+    train_set = TrainingDataset(samples["train"], preprocessing, config.augmentation, max_pixels)
+    val_x, val_y, val_kept = eval_tensors(samples["val"], preprocessing, max_pixels)
+    test_x, test_y, test_kept = eval_tensors(samples["test"], preprocessing, max_pixels)
+    result = fit(model, train_set, val_x, val_y, config, run_dir, generator, len(labels), resume=resume, on_epoch_end=on_epoch_end)
+
+    weights_file = save_weights(model, run_dir / WEIGHTS, {"architecture": config.arch, "labels": ",".join(labels)})
+    # Calibrate and evaluate through the worker's Predictor, so the report is what serving does.
+    raw_spec = ModelSpec(0, config.arch, labels, preprocessing, threshold=0.5, temperature=1.0, weights_sha256="")
+    predictor = Predictor.from_model(raw_spec, model, device=config.device, batch_size=config.batch_size * 2)
+    val_logits = predictor.predict_logits(val_x)
+    test_logits = predictor.predict_logits(test_x)
+    temperature = fit_temperature(val_logits, val_y.numpy())
+    val_probs = softmax(val_logits, temperature)
+    choice = choose_threshold(val_probs, val_y.numpy(), config.threshold_target, config.target_error, config.target_flag_rate)
+    final_spec = ModelSpec(0, config.arch, labels, preprocessing, threshold=choice.threshold, temperature=temperature, weights_sha256="")
+    final = Predictor.from_model(final_spec, model, device=config.device, batch_size=config.batch_size * 2)
+    test_probs = final.predict_tensor(test_x)
+    val_report = classification_report(final.predict_tensor(val_x), val_y.numpy(), labels, choice.threshold, config.ece_bins)
+    test_report = classification_report(test_probs, test_y.numpy(), labels, choice.threshold, config.ece_bins)
+    test_report["ece_uncalibrated"] = expected_calibration_error(softmax(test_logits, 1.0), test_y.numpy(), config.ece_bins)
+    test_report["nll_uncalibrated"] = _nll(softmax(test_logits, 1.0), test_y.numpy())
+    test_report["nll_calibrated"] = _nll(test_probs, test_y.numpy())
+
+    fingerprint = dataset_fingerprint(data_dir, {"train": samples["train"], "val": val_kept, "test": test_kept})
+    metrics = {
+        "test": test_report,
+        "val": val_report,
+        "temperature": temperature,
+        "threshold_choice": choice.to_dict(),
+        "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(result.seconds, 2),
+        "history": result.history,
+    }
+    write_json(metrics, run_dir / "metrics.json")
+    save_plots(run_dir, test_report, labels, result.history)
+    print(format_report(test_report, labels, "test"))
+    extra = {
+        "data_dir": str(data_dir),
+        "data_fingerprint": fingerprint,
+        "synthetic_data": is_synthetic(data_dir),
+        "counts": {split: dict(zip(labels, class_counts(items, len(labels)))) for split, items in samples.items()},
+        "code_version": code_version(),
+        "config": config.to_dict(),
+        "run_dir": str(run_dir.resolve()),
+        "datacheck": report.summary() if report else None,
+    }
+    write_json(extra, run_dir / "run.json")
+    return RunResult(run_dir, weights_file, config.arch, labels, preprocessing, temperature, choice.threshold, metrics, extra, config, report, fit=result)
+
+
+def _nll(probs: np.ndarray, targets: np.ndarray) -> float:
+    if len(targets) == 0:
+        return 0.0
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None))))
+
+
+def registry_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The compact metrics stored with a model version (full report stays in the run folder)."""
+    test = {k: v for k, v in metrics["test"].items() if k != "reliability"}
+    return {
+        "test": test,
+        "val_accuracy": metrics["val"]["accuracy"],
+        "temperature": metrics["temperature"],
+        "threshold_choice": metrics["threshold_choice"],
+        "best_epoch": metrics["best_epoch"],
+        "epochs_run": metrics["epochs_run"],
+        "train_seconds": metrics["train_seconds"],
+    }
+
+
+def register_run(result: RunResult, db: Any, settings: Any, name: str, promote: bool = False, demo: bool = False) -> int:
+    """Record a finished run as a model version (optionally production); returns its id."""
+    from core import registry
+
+    with db.transaction() as session:
+        version = registry.register_version(
+            session, settings, result.weights_file, name=name, architecture=result.architecture, labels=result.labels,
+            preprocessing=result.preprocessing, threshold=result.threshold, temperature=result.temperature,
+            metrics=registry_metrics(result.metrics), extra=result.extra, is_demo=demo,
+        )
+        if promote:
+            registry.promote(session, version.id)
+        result.version_id = version.id
+        return version.id
