@@ -98,6 +98,18 @@ class Settings(BaseModel):
     broker_poll_interval_s: float = Field(
         default=0.05, gt=0, le=10, description="Serverless broker: seconds between polls."
     )
+    secure_cookies: bool = Field(
+        default=False,
+        description="Always mark the session cookie Secure (set behind an HTTPS proxy that does not "
+        "forward the scheme). The cookie is Secure anyway whenever the request itself is HTTPS.",
+    )
+    login_max_failures: int = Field(
+        default=5, ge=1, le=1000,
+        description="Failed logins allowed per client address or user name within LOGIN_WINDOW_S; then 429.",
+    )
+    login_window_s: int = Field(
+        default=300, ge=1, le=86_400, description="Window (seconds) over which failed logins are counted."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
 
     @field_validator("database_url")

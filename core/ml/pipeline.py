@@ -20,6 +20,7 @@ from sqlalchemy import select
 from core.config import Settings
 from core.db import Database
 from core.imaging import ImageDecodeError, decode_image
+from core.ml.heatmap import store_heatmaps
 from core.ml.predict import Predictor, load_predictor
 from core.models import Image, Study
 from core.registry import ModelSpec
@@ -148,6 +149,10 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
                 session.commit()
                 report.seconds["database"] += time.perf_counter() - clock
                 report.predicted += len(results)
+                # Heat maps (Grad-CAM) for this batch's flagged images only, after their predictions are saved.
+                flagged = [(row, picture) for (row, picture), result in zip(good, results) if result.flagged]
+                if flagged:
+                    store_heatmaps(session, settings, predictor, spec.version_id, flagged)
     clock = time.perf_counter()
     with db.transaction() as session:
         report.study_done = finish_study_if_complete(session, study_id)

@@ -1,0 +1,164 @@
+"""Review work and its statistics: the flagged-case queue with filters, and per-model agreement.
+
+No Flask and no torch: the portal calls these with its request's session.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Integer, Select, cast, func, select
+from sqlalchemy.orm import Session
+
+from core.models import Image, ImageStatus, ModelVersion, Prediction, Review, Study
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def reason_category(reason: str | None) -> str:
+    """A flag reason without its numbers (``confidence 0.512 below threshold 0.900`` -> ``confidence below threshold``)."""
+    if not reason:
+        return ""
+    return " ".join(_NUMBER.sub(" ", reason).split())
+
+
+def _queue_query(study_id: int | None, reason: str | None, include_reviewed: bool) -> Select[Any]:
+    query = (
+        select(Image, Prediction)
+        .join(Prediction, Prediction.image_id == Image.id)
+        .join(Study, Study.id == Image.study_id)
+        .where(Prediction.flagged.is_(True), Prediction.model_version_id == Study.model_version_id,
+               Image.status == ImageStatus.DONE)
+        .order_by(Prediction.created_at, Image.id)
+    )
+    if study_id is not None:
+        query = query.where(Image.study_id == study_id)
+    if reason:
+        words = reason.split()
+        for word in words:  # every word of the category, in any reason text (numbers stripped)
+            query = query.where(Prediction.flag_reason.contains(word, autoescape=True))
+    if not include_reviewed:
+        query = query.where(~select(Review.id).where(Review.image_id == Image.id).exists())
+    return query
+
+
+def flagged_cases(
+    session: Session, study_id: int | None = None, reason: str | None = None,
+    include_reviewed: bool = False, limit: int | None = None,
+) -> list[tuple[Image, Prediction]]:
+    """Flagged images of finished classification with their prediction, oldest first."""
+    query = _queue_query(study_id, reason, include_reviewed)
+    if limit is not None:
+        query = query.limit(limit)
+    return [(image, prediction) for image, prediction in session.execute(query)]
+
+
+def count_flagged_cases(session: Session, study_id: int | None = None, reason: str | None = None) -> int:
+    """How many flagged cases wait for review (with the same filters as :func:`flagged_cases`)."""
+    inner = _queue_query(study_id, reason, False).with_only_columns(Image.id).order_by(None).subquery()
+    return int(session.scalar(select(func.count()).select_from(inner)) or 0)
+
+
+def reason_categories(session: Session, limit: int = 1000) -> list[str]:
+    """Distinct flag-reason categories among waiting cases (for the filter menu)."""
+    query = _queue_query(None, None, False).with_only_columns(Prediction.flag_reason).order_by(None).distinct().limit(limit)
+    return sorted({reason_category(reason) for reason in session.scalars(query) if reason})
+
+
+def next_case(session: Session, after_image_id: int | None, study_id: int | None = None, reason: str | None = None) -> Image | None:
+    """The oldest waiting case other than ``after_image_id`` (the one just reviewed)."""
+    query = _queue_query(study_id, reason, False)
+    if after_image_id is not None:
+        query = query.where(Image.id != after_image_id)
+    row = session.execute(query.limit(1)).first()
+    return row[0] if row else None
+
+
+def waiting_seconds(since: datetime | None, now: datetime | None = None) -> float:
+    """Seconds since ``since`` (naive datetimes are UTC, as SQLite returns them)."""
+    if since is None:
+        return 0.0
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    return max(0.0, ((now or datetime.now(timezone.utc)) - since).total_seconds())
+
+
+def humanize_seconds(seconds: float) -> str:
+    """``42 s``, ``5 min``, ``3 h 20 min``, ``2 d 4 h``."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours = minutes // 60
+    if hours < 48:
+        return f"{hours} h {minutes % 60} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+@dataclass
+class VersionStats:
+    """How reviewers agree with one model version, and how often it flags."""
+
+    version_id: int
+    labels: list[str]
+    reviewed: int = 0
+    agreed: int = 0
+    confusion: dict[str, dict[str, int]] = field(default_factory=dict)  # model label -> reviewed label -> count
+    reviewed_labels: list[str] = field(default_factory=list)
+    flag_rate_by_day: list[dict[str, Any]] = field(default_factory=list)  # {day, predictions, flagged, rate}
+    predictions: int = 0
+    flagged: int = 0
+
+    @property
+    def agreement_rate(self) -> float | None:
+        """Share of reviewed predictions whose label the reviewer confirmed (None before any review)."""
+        return self.agreed / self.reviewed if self.reviewed else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form."""
+        return {
+            "model_version_id": self.version_id, "labels": self.labels, "predictions": self.predictions,
+            "flagged": self.flagged, "reviewed": self.reviewed, "agreed": self.agreed,
+            "agreement_rate": self.agreement_rate, "confusion": self.confusion,
+            "flag_rate_by_day": self.flag_rate_by_day,
+        }
+
+
+def version_stats(session: Session, version: ModelVersion) -> VersionStats:
+    """Agreement rate, confusion matrix (model vs latest review) and daily flag rate of ``version``."""
+    stats = VersionStats(version_id=version.id, labels=list(version.labels))
+    latest = (
+        select(Review.image_id, func.max(Review.id).label("review_id")).group_by(Review.image_id).subquery()
+    )
+    pairs = session.execute(
+        select(Prediction.label, Review.label)
+        .join(latest, latest.c.image_id == Prediction.image_id)
+        .join(Review, Review.id == latest.c.review_id)
+        .where(Prediction.model_version_id == version.id)
+    ).all()
+    counts = Counter((model_label, reviewed_label) for model_label, reviewed_label in pairs)
+    reviewed_labels = list(version.labels) + sorted({r for _, r in counts} - set(version.labels))
+    stats.reviewed_labels = reviewed_labels
+    stats.confusion = {m: {r: counts.get((m, r), 0) for r in reviewed_labels} for m in version.labels}
+    stats.reviewed = len(pairs)
+    stats.agreed = sum(count for (m, r), count in counts.items() if m == r)
+    day = func.date(Prediction.created_at)
+    for when, total, flagged in session.execute(
+        select(day, func.count(), func.sum(cast(Prediction.flagged, Integer)))
+        .where(Prediction.model_version_id == version.id)
+        .group_by(day)
+        .order_by(day)
+    ):
+        flagged = int(flagged or 0)
+        stats.flag_rate_by_day.append({"day": str(when), "predictions": int(total), "flagged": flagged,
+                                       "rate": flagged / total if total else 0.0})
+        stats.predictions += int(total)
+        stats.flagged += flagged
+    return stats
+
