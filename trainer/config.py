@@ -24,6 +24,18 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "tf_efficientnetv2_s.in21k_ft_in1k": {"batch_size": 32},
     "convnextv2_base.fcmae_ft_in22k_in1k": {"batch_size": 16, "drop_rate": 0.2},
 }
+#: timm's tiny ``test_*`` models train from scratch (demos, tests): smaller batches, higher lr.
+PREFIX_PRESETS: dict[str, dict[str, Any]] = {"test_": {"batch_size": 16, "lr": 3e-3}}
+
+
+def arch_preset(arch: str) -> dict[str, Any]:
+    """Preset settings for ``arch`` (exact name first, then name prefix)."""
+    if arch in ARCH_PRESETS:
+        return dict(ARCH_PRESETS[arch])
+    for prefix, preset in PREFIX_PRESETS.items():
+        if arch.startswith(prefix):
+            return dict(preset)
+    return {}
 
 
 class ConfigFileError(ValueError):
@@ -115,7 +127,7 @@ def resolve_config(
     cli_values = {key: value for key, value in (overrides or {}).items() if value is not None}
     chosen_arch = cli_values.get("arch") or arch or file_values.get("arch") or TrainConfig.arch
     values: dict[str, Any] = {"arch": chosen_arch}
-    values.update(ARCH_PRESETS.get(chosen_arch, {}))
+    values.update(arch_preset(chosen_arch))
     values.update(file_values)
     values.update(cli_values)
     values["arch"] = chosen_arch
