@@ -103,13 +103,15 @@ def choose_threshold(
         # candidate thresholds are the observed confidences; leaving the top k unflagged works only
         # where the next confidence is strictly lower (ties are flagged or kept together)
         ok = (errors / count <= target_error + 1e-12) & np.append(sorted_conf[1:] < sorted_conf[:-1], True)
-        if ok.any():
+        found = bool(ok.any())
+        if found:
             k = int(np.nonzero(ok)[0].max())
             threshold = float(sorted_conf[k])
         else:
             threshold = 1.0
         target_value = target_error
     elif target == "flag_rate":
+        found = True
         allowed_flags = int(math.floor(target_flag_rate * len(order) + 1e-9))
         keep = len(order) - allowed_flags
         if keep <= 0:
@@ -120,7 +122,8 @@ def choose_threshold(
     else:
         raise ValueError(f"unknown threshold target {target!r}; use error or flag_rate")
     coverage, error, flag_rate = flag_stats(probs, targets, threshold)
-    met = error <= target_value + 1e-12 if target == "error" else flag_rate <= target_value + 1e-12
+    # flagging everything meets an error target only vacuously: report it as not met
+    met = (found and error <= target_value + 1e-12) if target == "error" else flag_rate <= target_value + 1e-12
     if not met:
         log.warning("threshold target %s <= %.3f not reachable on validation; threshold %.4f", target, target_value, threshold)
     return ThresholdChoice(threshold, target, float(target_value), bool(met), coverage, error, flag_rate)

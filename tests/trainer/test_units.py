@@ -1,0 +1,144 @@
+"""Fast trainer checks: calibration, threshold choice, synthetic data, preprocessing parity, CLI errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.imaging import decode_image
+from core.ml.predict import Predictor
+from core.registry import ModelSpec
+from tests.conftest import TINY_ARCH, xray_sample
+from trainer.calibrate import choose_threshold, fit_temperature, flag_stats, softmax
+from trainer.config import resolve_config
+from trainer.data import Sample, eval_tensors
+from trainer.evaluate import expected_calibration_error
+from trainer.synthetic import CLASSES, MARKER_FILE, generate_dataset
+
+
+def _calibrated_logits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose softmax is calibrated by construction (labels drawn from the probabilities)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2.0, size=(n, 3))
+    probs = softmax(logits)
+    targets = np.array([rng.choice(3, p=row) for row in probs])
+    return logits, targets
+
+
+def test_temperature_undoes_overconfidence_and_lowers_ece() -> None:
+    logits, targets = _calibrated_logits(4000)
+    overconfident = logits * 3.0
+    temperature = fit_temperature(overconfident, targets)
+    assert temperature == pytest.approx(3.0, rel=0.15)
+    before = expected_calibration_error(softmax(overconfident), targets)
+    after = expected_calibration_error(softmax(overconfident, temperature), targets)
+    assert after < before / 3
+    assert after < 0.03
+    # already calibrated logits keep a temperature near 1
+    assert fit_temperature(logits, targets) == pytest.approx(1.0, rel=0.15)
+
+
+def test_ece_is_zero_for_perfect_confident_predictions_and_large_for_wrong_ones() -> None:
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.0)
+    assert expected_calibration_error(probs, np.array([1, 0])) == pytest.approx(1.0)
+
+
+def test_threshold_meets_error_target_on_val_with_most_coverage() -> None:
+    logits, targets = _calibrated_logits(3000, seed=1)
+    probs = softmax(logits)
+    choice = choose_threshold(probs, targets, "error", target_error=0.02)
+    coverage, error, _ = flag_stats(probs, targets, choice.threshold)
+    assert choice.met and error <= 0.02
+    assert 0.05 < coverage < 1.0
+    # any noticeably lower threshold leaves more images unflagged and breaks the target
+    lower = np.sort(probs.max(axis=1))
+    lower = lower[lower < choice.threshold][-5:]
+    assert all(flag_stats(probs, targets, t)[1] > 0.02 for t in lower)
+
+
+def test_threshold_for_flag_rate_target() -> None:
+    logits, targets = _calibrated_logits(1000, seed=2)
+    probs = softmax(logits)
+    choice = choose_threshold(probs, targets, "flag_rate", target_flag_rate=0.25)
+    _, _, flag_rate = flag_stats(probs, targets, choice.threshold)
+    assert choice.met and 0.24 <= flag_rate <= 0.25
+
+
+def test_unreachable_error_target_flags_everything() -> None:
+    probs = np.array([[0.6, 0.4], [0.7, 0.3]])
+    choice = choose_threshold(probs, np.array([1, 1]), "error", target_error=0.01)
+    assert choice.threshold == 1.0 and not choice.met
+
+
+def test_synthetic_set_is_deterministic_marked_and_split(tmp_path: Path) -> None:
+    a = generate_dataset(tmp_path / "a", per_class=10, image_size=48, seed=3)
+    generate_dataset(tmp_path / "b", per_class=10, image_size=48, seed=3)
+    generate_dataset(tmp_path / "c", per_class=10, image_size=48, seed=4)
+
+    def digest(root: Path) -> str:
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(root.glob("*/*/*.png")))).hexdigest()
+
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    assert "NOT real radiographs" in (tmp_path / "a" / MARKER_FILE).read_text()
+    assert sorted(a) == ["test", "train", "val"]
+    assert all(sorted(per_class) == list(CLASSES) for per_class in a.values())
+    assert sum(a[s][CLASSES[0]] for s in a) == 10
+
+
+def test_worker_preprocessing_equals_evaluation_preprocessing(xrays_dir: Path) -> None:
+    """The tensor the worker's Predictor makes from an upload is the tensor evaluation uses."""
+    preprocessing = resolve_config(TINY_ARCH, overrides={"image_size": 72}).preprocessing()
+    files = xray_sample(xrays_dir, 4)
+    evaluated, _, _ = eval_tensors([Sample(path, 0) for path in files], preprocessing)
+    spec = ModelSpec(1, TINY_ARCH, ["fracture", "no_fracture"], preprocessing, 0.5, 1.0, "0" * 64)
+    from core.ml.modelio import create_model
+
+    predictor = Predictor.from_model(spec, create_model(TINY_ARCH, 2), device="cpu")
+    served = predictor.preprocess([decode_image(path.read_bytes(), 60_000_000) for path in files])
+    assert served.shape == (4, 3, 72, 72)
+    assert torch.equal(served, evaluated)
+
+
+def test_config_precedence(tmp_path: Path) -> None:
+    config_file = tmp_path / "recipe.yaml"
+    config_file.write_text("lr: 0.0005\nepochs: 3\naugmentation: {hflip_p: 0.0}\n")
+    config = resolve_config("convnextv2_base.fcmae_ft_in22k_in1k", config_file, {"epochs": 7, "image_size": None})
+    assert (config.batch_size, config.drop_rate) == (16, 0.2)  # preset
+    assert config.lr == 0.0005 and config.augmentation["hflip_p"] == 0.0  # file
+    assert config.augmentation["rotation_degrees"] == 25.0  # default kept
+    assert config.epochs == 7 and config.image_size == 224  # flag beats file; None ignored
+    default = resolve_config("tf_efficientnetv2_s.in21k_ft_in1k")
+    assert (default.lr, default.weight_decay, default.batch_size, default.seed, default.epochs) == (1e-4, 1e-5, 32, 42, 30)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1\n")
+    from trainer.config import ConfigFileError
+
+    with pytest.raises(ConfigFileError, match="learning_rate"):
+        resolve_config(TINY_ARCH, bad)
+
+
+def test_unreachable_hub_gives_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import timm
+
+    from trainer.__main__ import main
+
+    real = timm.create_model
+
+    def offline(name: str, pretrained: bool = False, **kwargs: object) -> torch.nn.Module:
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setenv("TRIAGE_DATA_DIR", str(tmp_path / "var"))
+    generate_dataset(tmp_path / "data", per_class=6, image_size=32, seed=0)
+    code = main(["train", "--data", str(tmp_path / "data"), "--arch", TINY_ARCH, "--image-size", "32", "--epochs", "1",
+                 "--pretrained", "hub", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "--pretrained none" in err[0] and "Traceback" not in err[0]
