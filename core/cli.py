@@ -2,8 +2,11 @@
 
     triage db upgrade
     triage model register --weights W --arch A --labels a,b,c [--threshold T] [--promote]
-    triage model list | triage model promote ID
+    triage model list | triage model promote ID | triage model quantize ID --calibration DIR
+    triage reconcile [--older-than SECONDS]
     triage demo [--host H] [--port P]
+    triage user create NAME --role admin|reviewer|uploader [--password-stdin]
+    triage user token NAME [--label L]
 
 This module imports neither the portal, the worker nor the trainer: the demo starts them as
 separate processes, exactly as production does.
@@ -113,6 +116,20 @@ def cmd_model_promote(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
+    """Build the int8 ONNX runtime of a version, calibrated on images from a folder."""
+    from core import registry
+    from core.ml.onnx_runtime import calibration_images, quantize_int8
+
+    with Database(settings).transaction() as session:
+        spec = registry.ModelSpec.from_version(registry.get_version(session, args.version_id))
+    images = calibration_images(Path(args.calibration), args.count)
+    path = quantize_int8(settings, spec, images)
+    print(f"int8 runtime for model version #{spec.version_id}: {path} ({len(images)} calibration images); "
+          "use it with TRIAGE_RUNTIME=onnx-int8")
+    return 0
+
+
 def _ensure_demo_model(settings: Settings, env: dict[str, str], train_data: Path | None) -> None:
     """Train and promote a small demo model when no production model exists."""
     from core import registry
@@ -156,6 +173,59 @@ def _queue_sample_study(settings: Settings, data: Path) -> None:
     print(f"queued sample study #{study_id} with {len(image_ids)} synthetic images")
 
 
+def _read_password(args: argparse.Namespace) -> str:
+    """The new password: from stdin with --password-stdin, else asked twice at a prompt."""
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_user_create(settings: Settings, args: argparse.Namespace) -> int:
+    """Create a portal account with a role (the password never appears on the command line)."""
+    from core.auth import create_user
+
+    password = _read_password(args)
+    with Database(settings).transaction() as session:
+        user = create_user(session, args.name, password, args.role)
+        print(f"created user {user.username!r} with role {user.role}")
+    return 0
+
+
+def cmd_user_token(settings: Settings, args: argparse.Namespace) -> int:
+    """Issue an API token for a user; it is printed once and only its hash is stored."""
+    from core import audit
+    from core.auth import AuthError, get_user, issue_token
+
+    with Database(settings).transaction() as session:
+        user = get_user(session, args.name)
+        if user is None:
+            raise AuthError(f"no user {args.name!r}; create one with `triage user create`")
+        row, token = issue_token(session, user, args.label or "cli")
+        audit.record(session, "token", user, "api_token", row.id, None, {"label": row.name, "via": "cli"})
+    print(token)
+    print(f"API token #{row.id} for {args.name}: send it as 'Authorization: Bearer <token>'. It is not shown again.", file=sys.stderr)
+    return 0
+
+
+def _ensure_demo_admin(settings: Settings) -> None:
+    """With no account at all, create `admin` with a random password and print it once."""
+    import secrets
+
+    from core.auth import count_users, create_user
+
+    with Database(settings).transaction() as session:
+        if count_users(session):
+            return
+        password = secrets.token_urlsafe(12)
+        create_user(session, "admin", password, "admin")
+    print(f"\n  created portal user 'admin' with password: {password}\n  (shown once; add people with `triage user create NAME --role reviewer`)\n")
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """Run everything on one machine: migrate, make sure a model exists, start worker and portal."""
     from core.migrate import upgrade
@@ -164,6 +234,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     env.setdefault("TRIAGE_DATA_DIR", str(settings.data_dir))
     upgrade(settings.database_url)
     print(f"database: {_safe_url(settings.database_url)}; broker: {settings.broker_url}")
+    _ensure_demo_admin(settings)
     train_data = Path(args.train_data).resolve() if args.train_data else None
     _ensure_demo_model(settings, env, train_data)
     worker = subprocess.Popen(
@@ -202,6 +273,17 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-enqueue images that have waited too long (e.g. after the broker lost its queue)."""
+    from core.queue import make_celery
+    from core.reconcile import reconcile
+
+    requeued = reconcile(Database(settings), settings, make_celery(settings, main="cli"), older_than_s=args.older_than)
+    total = sum(requeued.values())
+    print(f"re-enqueued {total} image(s) in {len(requeued)} study(ies)" if total else "nothing to re-enqueue")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `triage` command."""
     parser = argparse.ArgumentParser(prog="triage", description="Bone X-ray triage admin commands.")
@@ -232,6 +314,27 @@ def build_parser() -> argparse.ArgumentParser:
     pro = model.add_parser("promote", help="make a version the production model")
     pro.add_argument("version_id", type=int)
     pro.set_defaults(func=cmd_model_promote)
+
+    rec = sub.add_parser("reconcile", help="re-enqueue images queued or processing for too long")
+    rec.add_argument("--older-than", type=float, help="seconds (default TRIAGE_RECONCILE_AFTER_S)")
+    rec.set_defaults(func=cmd_reconcile)
+
+    user = sub.add_parser("user", help="portal accounts and API tokens").add_subparsers(dest="user_command", required=True)
+    ucreate = user.add_parser("create", help="create an account (password from a prompt or --password-stdin)")
+    ucreate.add_argument("name")
+    ucreate.add_argument("--role", required=True, choices=["admin", "reviewer", "uploader"])
+    ucreate.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    ucreate.set_defaults(func=cmd_user_create)
+    utoken = user.add_parser("token", help="issue an API token (printed once)")
+    utoken.add_argument("name")
+    utoken.add_argument("--label", help="what the token is for, e.g. 'PACS export script'")
+    utoken.set_defaults(func=cmd_user_token)
+
+    qnt = model.add_parser("quantize", help="build the int8 ONNX runtime of a version (TRIAGE_RUNTIME=onnx-int8)")
+    qnt.add_argument("version_id", type=int)
+    qnt.add_argument("--calibration", required=True, help="folder of validation images (searched recursively)")
+    qnt.add_argument("--count", type=int, default=128, help="calibration images to use")
+    qnt.set_defaults(func=cmd_model_quantize)
 
     demo = sub.add_parser("demo", help="run portal + worker on the embedded default (SQLite, no broker server)")
     demo.add_argument("--host", default="127.0.0.1")

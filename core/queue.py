@@ -48,6 +48,9 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_send_task_events": False,
+        "beat_schedule": {
+            "reconcile-stale-images": {"task": RECONCILE_TASK, "schedule": max(30.0, settings.reconcile_after_s / 3)},
+        },
     }
 
 

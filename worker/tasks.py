@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 from celery import Task
+from sqlalchemy.exc import OperationalError
 from celery.utils.log import get_task_logger
 
 from core.db import Database
-from core.queue import CLASSIFY_CHUNK_TASK
+from core.queue import CLASSIFY_CHUNK_TASK, RECONCILE_TASK
 from worker import app, settings
 
 log = get_task_logger(__name__)
@@ -35,7 +36,15 @@ def _services():  # type: ignore[no-untyped-def]
     return _db, _cache
 
 
-@app.task(name=CLASSIFY_CHUNK_TASK, bind=True)
+@app.task(
+    name=CLASSIFY_CHUNK_TASK,
+    bind=True,
+    # A database blip (restart, failover) retries the chunk later instead of stranding its images.
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=300,
+    max_retries=8,
+)
 def classify_chunk(self: Task, study_id: int, image_ids: list[int]) -> dict[str, int | bool]:
     """Classify one chunk of a study's images and write the predictions (idempotent)."""
     from core.ml.pipeline import classify_chunk as run_chunk
@@ -48,3 +57,12 @@ def classify_chunk(self: Task, study_id: int, image_ids: list[int]) -> dict[str,
         "; study done" if report.study_done else "",
     )
     return {"predicted": report.predicted, "failed": report.failed, "skipped": report.skipped, "study_done": report.study_done}
+
+
+@app.task(name=RECONCILE_TASK)
+def reconcile() -> dict[int, int]:
+    """Periodic: re-enqueue images the broker lost (run by `celery -A worker beat`)."""
+    from core.reconcile import reconcile as run_reconcile
+
+    db, _ = _services()
+    return run_reconcile(db, settings, app)

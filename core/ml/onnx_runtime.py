@@ -1,0 +1,173 @@
+"""ONNX Runtime inference: fp32 export and int8 static quantization of a registered version.
+
+Runtimes are built from the registered weights and cached on disk under a key derived from the
+weights' sha256, the architecture and the input size, so a cache can never serve another version.
+The int8 model is calibrated on real images (the validation split) with QDQ static quantization
+and per-channel weights; build it once with ``triage model quantize``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.config import Settings
+from core.imaging import ImageDecodeError, decode_image
+from core.ml.modelio import create_model, load_state_dict_file, load_weights
+from core.ml.predict import Predictor
+from core.ml.transforms import build_transform
+from core.registry import ModelSpec, weights_path
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 17
+
+
+class RuntimeUnavailable(RuntimeError):
+    """A runtime artifact is missing or cannot be built; the message says how to build it."""
+
+
+def runtime_key(spec: ModelSpec) -> str:
+    """Cache key of a version's runtimes: weights sha256 + architecture + input size."""
+    identity = f"{spec.weights_sha256}|{spec.architecture}|{spec.preprocessing['input_size']}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def runtime_path(settings: Settings, spec: ModelSpec, kind: str) -> Path:
+    """Where the ``kind`` ("onnx" or "onnx-int8") artifact of ``spec`` lives."""
+    assert settings.models_dir is not None
+    return settings.models_dir / "runtimes" / f"{runtime_key(spec)}.{kind}.onnx"
+
+
+def _atomic_target(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".onnx")
+    os.close(fd)
+    return Path(tmp)
+
+
+def export_onnx(spec: ModelSpec, weights_file: Path, target: Path) -> Path:
+    """Export the version's torch model to ONNX (fp32, dynamic batch) at ``target``."""
+    model = load_weights(create_model(spec.architecture, len(spec.labels)), load_state_dict_file(weights_file)).eval()
+    channels, height, width = (int(v) for v in spec.preprocessing["input_size"])
+    example = torch.zeros(2, channels, height, width)
+    tmp = _atomic_target(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
+        )
+    tmp.replace(target)
+    log.info("exported %s to ONNX at %s", spec.architecture, target)
+    return target
+
+
+def ensure_fp32(settings: Settings, spec: ModelSpec) -> Path:
+    """The fp32 ONNX file of ``spec``, exported on first use."""
+    target = runtime_path(settings, spec, "onnx")
+    if not target.exists():
+        export_onnx(spec, weights_path(settings, spec.weights_sha256), target)
+    return target
+
+
+def calibration_images(folder: Path, limit: int) -> list[Image.Image]:
+    """Up to ``limit`` decodable images from ``folder`` (recursively, sorted, spread over classes)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+    step = max(1, len(files) // max(1, limit))
+    images: list[Image.Image] = []
+    for path in files[::step]:
+        try:
+            images.append(decode_image(path.read_bytes(), max_pixels=200_000_000))
+        except ImageDecodeError:
+            continue
+        if len(images) >= limit:
+            break
+    if not images:
+        raise RuntimeUnavailable(f"no decodable calibration images under {folder}")
+    return images
+
+
+def quantize_int8(settings: Settings, spec: ModelSpec, images: Iterable[Image.Image], batch_size: int = 8) -> Path:
+    """Build the int8 (QDQ, per-channel, static) ONNX model of ``spec`` calibrated on ``images``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    transform = build_transform(spec.preprocessing, training=False)
+    tensors = [transform(image).numpy() for image in images]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches: Iterator[np.ndarray] = iter(
+                [np.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"input": batch}
+
+    fp32 = ensure_fp32(settings, spec)
+    target = runtime_path(settings, spec, "onnx-int8")
+    prepared = _atomic_target(target)
+    tmp = _atomic_target(target)
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+        )
+        tmp.replace(target)
+    finally:
+        prepared.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    log.info("built int8 runtime of version %s from %d calibration images", spec.version_id, len(tensors))
+    return target
+
+
+class OnnxPredictor(Predictor):
+    """A :class:`Predictor` whose forward pass runs in ONNX Runtime (CPU)."""
+
+    def __init__(self, spec: ModelSpec, onnx_file: Path, batch_size: int = 32, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.spec = spec
+        self.device = torch.device("cpu")
+        self.batch_size = batch_size
+        self.transform = build_transform(spec.preprocessing, training=False)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        self.model = None  # no torch module: heat maps and other torch-only features are skipped
+        log.info("loaded ONNX runtime %s for model version %s", onnx_file.name, spec.version_id)
+
+    @classmethod
+    def for_spec(cls, spec: ModelSpec, settings: Settings) -> "OnnxPredictor":
+        """The runtime ``settings.runtime`` names; int8 must have been built with ``triage model quantize``.
+
+        Raises:
+            RuntimeUnavailable: when the int8 artifact has not been built for this version.
+        """
+        if settings.runtime == "onnx-int8":
+            path = runtime_path(settings, spec, "onnx-int8")
+            if not path.exists():
+                raise RuntimeUnavailable(
+                    f"no int8 runtime for model version {spec.version_id}; build it with "
+                    f"`triage model quantize {spec.version_id} --calibration VAL_DIR`"
+                )
+        else:
+            path = ensure_fp32(settings, spec)
+        return cls(spec, path, batch_size=settings.batch_size, threads=settings.torch_threads)
+
+    def _logits(self, part: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(["logits"], {"input": part.numpy().astype(np.float32, copy=False)})
+        return torch.from_numpy(logits).float()

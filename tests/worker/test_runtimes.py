@@ -1,0 +1,83 @@
+"""Every runtime is built from the registered version, cached by its sha256, and agrees with torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import registry
+from core.config import Settings
+from core.db import Database
+from core.imaging import decode_image
+from core.ml.onnx_runtime import OnnxPredictor, RuntimeUnavailable, runtime_path
+from core.ml.pipeline import PredictorCache
+from core.ml.predict import Predictor, load_predictor
+from tests.conftest import PROJECT_ROOT, make_settings, register_tiny_model, xray_sample
+from tests.e2e.conftest import settings_env
+
+
+def _spec(db: Database, version_id: int) -> registry.ModelSpec:
+    with db.transaction() as session:
+        return registry.ModelSpec.from_version(registry.get_version(session, version_id))
+
+
+def _batch(xrays_dir: Path, predictor: Predictor, count: int = 12) -> torch.Tensor:
+    images = [decode_image(p.read_bytes(), 10**8) for p in xray_sample(xrays_dir, count)]
+    return predictor.preprocess(images)
+
+
+def test_onnx_fp32_matches_torch_and_is_cached_per_version(
+    db: Database, settings: Settings, production_model: int, tiny_weights: dict, xrays_dir: Path, tmp_path: Path
+) -> None:
+    spec = _spec(db, production_model)
+    torch_predictor = load_predictor(spec, settings)
+    onnx_settings = settings.model_copy(update={"runtime": "onnx"})
+    onnx_predictor = load_predictor(spec, onnx_settings)
+    assert isinstance(onnx_predictor, OnnxPredictor)
+    batch = _batch(xrays_dir, torch_predictor)
+    assert np.abs(onnx_predictor.predict_tensor(batch) - torch_predictor.predict_tensor(batch)).max() <= 1e-4
+
+    # Another version (other weights) gets its own artifact; the first one's is never reused.
+    torch.manual_seed(3)
+    from core.ml.modelio import create_model, save_weights
+
+    other_file = save_weights(create_model(spec.architecture, len(spec.labels)), tmp_path / "other.safetensors")
+    other_id = register_tiny_model(db, settings, {**tiny_weights, "weights_file": other_file}, promote=False)
+    other_spec = _spec(db, other_id)
+    assert runtime_path(settings, other_spec, "onnx") != runtime_path(settings, spec, "onnx")
+    cache = PredictorCache(onnx_settings)
+    first, second = cache.get(spec), cache.get(other_spec)
+    assert first is cache.get(spec) and first is not second
+    assert np.abs(second.predict_tensor(batch) - load_predictor(other_spec, settings).predict_tensor(batch)).max() <= 1e-4
+
+
+def test_int8_runtime_is_built_by_the_cli_and_then_served(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    spec = _spec(db, production_model)
+    int8_settings = settings.model_copy(update={"runtime": "onnx-int8"})
+    try:
+        load_predictor(spec, int8_settings)
+    except RuntimeUnavailable as exc:
+        assert f"triage model quantize {production_model}" in str(exc)
+    else:
+        raise AssertionError("int8 runtime served before it was built")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "core.cli", "model", "quantize", str(production_model), "--calibration", str(xrays_dir / "val"), "--count", "16"],
+        env=settings_env(settings), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    predictor = load_predictor(spec, int8_settings)
+    assert isinstance(predictor, OnnxPredictor)
+    reference = load_predictor(spec, settings)
+    batch = _batch(xrays_dir, reference)
+    int8, fp32 = predictor.predict_tensor(batch), reference.predict_tensor(batch)
+    assert np.allclose(int8.sum(axis=1), 1.0, atol=1e-5)
+    # A quantized model approximates the float one; a broken quantization (wrong scales, wrong
+    # input layout) would be far off.
+    assert np.abs(int8 - fp32).max() < 0.1
