@@ -7,16 +7,25 @@ torch. Work reaches the GPU workers as Celery task names with ids (:func:`core.q
 from __future__ import annotations
 
 from flask import Flask
+from werkzeug.routing import IntegerConverter
 
 from core.config import Settings, get_settings
 
 
+class BoundedInt(IntegerConverter):
+    """``<int:...>`` URL parts limited to the 32-bit range every database column holds."""
+
+    def __init__(self, url_map, fixed_digits: int = 0, min: int | None = None, max: int | None = 2**31 - 1, signed: bool = False) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(url_map, fixed_digits=fixed_digits, min=min, max=max, signed=signed)
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """Build a portal app for ``settings`` (default: read from the ``TRIAGE_*`` environment)."""
-    from portal import api, errors, extensions, health, models, review, studies
+    from portal import admin, api, auth, errors, extensions, health, models, review, studies
 
     settings = settings or get_settings()
     app = Flask(__name__)
+    app.url_map.converters["int"] = BoundedInt  # ids past the database's integer range are 404s, not 500s
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024,
@@ -25,9 +34,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         WTF_CSRF_TIME_LIMIT=None,
     )
     extensions.init_app(app, settings)
+    auth.init_app(app)  # the login guard runs before the CSRF check: anonymous requests get 401/redirect
+    extensions.csrf.init_app(app)
     errors.init_app(app)
-    for blueprint in (studies.bp, review.bp, models.bp, api.bp, health.bp):
+    for blueprint in (studies.bp, review.bp, models.bp, api.bp, health.bp, admin.bp):
         app.register_blueprint(blueprint)
+    # The API checks CSRF itself for session-authenticated writes (portal.auth); tokens need none.
     extensions.csrf.exempt(api.bp)
     extensions.csrf.exempt(health.bp)
     return app

@@ -1,14 +1,22 @@
-"""JSON API for scripts and other systems (no CSRF: clients send no cookies to trust)."""
+"""JSON API for scripts and other systems, described by the OpenAPI document at /api/openapi.json.
+
+Clients authenticate with ``Authorization: Bearer <token>``; the portal's own pages may call it with
+their session cookie, and then writes need the CSRF token (checked in :mod:`portal.auth`).
+"""
 
 from __future__ import annotations
 
 from flask import Blueprint, abort, jsonify, request
+from flask_login import current_user
 from sqlalchemy import select
 
 from core import registry
 from core.models import Image, ImageStatus, Study
-from core.studies import record_review, review_queue
-from portal import extensions, presenters
+from core.reviewing import count_flagged_cases, flagged_cases, humanize_seconds, waiting_seconds
+from core.studies import record_review
+from portal import extensions, openapi, presenters
+from portal.auth import record, require
+from portal.studies import export_response
 from portal.uploads import UploadError, collect_files, require_production_model, submit_study
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -22,19 +30,28 @@ def _upload_error(exc: UploadError):  # type: ignore[no-untyped-def]
 
 
 def _get_study(study_id: int) -> Study:
-    study = extensions.db_session().get(Study, study_id)
+    study = extensions.db_session().get(Study, study_id) if 0 < study_id <= openapi.MAX_ID else None
     if study is None:
         abort(404, f"study #{study_id} not found")
     return study
 
 
+@bp.get("/openapi.json")
+@require("view")
+def openapi_document():  # type: ignore[no-untyped-def]
+    """The OpenAPI 3 description of this API."""
+    return jsonify(openapi.document())
+
+
 @bp.post("/studies")
+@require("upload")
 def create_study():  # type: ignore[no-untyped-def]
     """Create a study from multipart `files` and/or an `archive` zip and queue its images."""
     session, settings = extensions.db_session(), extensions.settings()
     version = require_production_model(session)
     files = collect_files(request.files.getlist("files"), request.files.get("archive"), settings.max_upload_mb * 1024 * 1024)
-    submitted = submit_study(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version)
+    submitted = submit_study(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version,
+                             created_by_id=current_user.id)
     body = presenters.study_dict(session, submitted.study)
     body["tasks"] = submitted.tasks
     body["files"] = [
@@ -45,6 +62,7 @@ def create_study():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/studies")
+@require("view")
 def list_studies():  # type: ignore[no-untyped-def]
     """The newest studies with their status and counts."""
     session = extensions.db_session()
@@ -53,53 +71,84 @@ def list_studies():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/studies/<int:study_id>")
+@require("view")
 def study_status(study_id: int):  # type: ignore[no-untyped-def]
     """One study's status and image counts (polled by the study page)."""
     return jsonify(presenters.study_dict(extensions.db_session(), _get_study(study_id)))
 
 
 @bp.get("/studies/<int:study_id>/results")
+@require("view")
 def study_results(study_id: int):  # type: ignore[no-untyped-def]
     """Every image of a study with its status, error or prediction."""
     session = extensions.db_session()
     study = _get_study(study_id)
+    record("view", "study", study.id, {"via": "api"})
+    session.commit()
     images = presenters.study_images(session, study)
     body = presenters.study_dict(session, study)
     body["images"] = [presenters.image_result(image, study.model_version_id) for image in images]
     return jsonify(body)
 
 
+@bp.get("/studies/<int:study_id>/export")
+@require("export")
+def export_study(study_id: int):  # type: ignore[no-untyped-def]
+    """Download a study's results: `format=csv` or `format=json` (default)."""
+    fmt = request.args.get("format", "json")
+    if fmt not in ("csv", "json"):
+        abort(400, "format must be csv or json")
+    return export_response(_get_study(study_id), fmt)
+
+
 @bp.get("/review-queue")
+@require("review")
 def review_cases():  # type: ignore[no-untyped-def]
-    """Flagged, unreviewed images, oldest first (optional `study` filter)."""
+    """Flagged, unreviewed images, oldest first (optional `study` and `reason` filters)."""
+    session = extensions.db_session()
     study_id = request.args.get("study", type=int)
-    cases = review_queue(extensions.db_session(), study_id=study_id)
-    return jsonify(count=len(cases), cases=[presenters.review_case(image, prediction) for image, prediction in cases[:MAX_LIST]])
+    if study_id is not None and not 0 < study_id <= openapi.MAX_ID:
+        abort(400, "study must be a study id")
+    reason = (request.args.get("reason") or "").strip()[:200] or None
+    cases = []
+    for image, prediction in flagged_cases(session, study_id=study_id, reason=reason, limit=MAX_LIST):
+        case = presenters.review_case(image, prediction)
+        seconds = waiting_seconds(prediction.created_at)
+        case["waiting_seconds"] = seconds
+        case["waiting"] = humanize_seconds(seconds)
+        cases.append(case)
+    return jsonify(count=count_flagged_cases(session, study_id=study_id, reason=reason), cases=cases)
 
 
 @bp.post("/images/<int:image_id>/review")
+@require("review")
 def review_image(image_id: int):  # type: ignore[no-untyped-def]
-    """Record a reviewer's label for an image: JSON {label, reviewer, note}."""
+    """Record the signed-in reviewer's label for an image: JSON {label, note}."""
     session = extensions.db_session()
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict):
-        abort(400, "send a JSON object: {\"label\": ..., \"reviewer\": ..., \"note\": ...}")
-    image = session.get(Image, image_id)
+        abort(400, "send a JSON object: {\"label\": ..., \"note\": ...}")
+    image = session.get(Image, image_id) if 0 < image_id <= openapi.MAX_ID else None
     if image is None:
         abort(404, f"image #{image_id} not found")
-    label, reviewer, note = payload.get("label"), payload.get("reviewer"), payload.get("note")
+    label, note = payload.get("label"), payload.get("note")
     if not isinstance(label, str) or not label:
         abort(400, "label is required")
-    if not isinstance(reviewer, str) or not reviewer.strip():
-        abort(400, "reviewer is required (the name of the person reviewing)")
     if note is not None and not isinstance(note, str):
         abort(400, "note must be a string")
     if image.status == ImageStatus.FAILED:
         abort(409, f"image #{image_id} failed ({image.error}); there is nothing to review")
+    if image.status != ImageStatus.DONE:
+        abort(409, f"image #{image_id} is {image.status.value}; it can be reviewed once classified")
+    rereview = bool(image.reviews)
+    if rereview and not current_user.can("rereview"):
+        abort(409, f"image #{image_id} was already reviewed; only an admin can review it again")
     try:
-        review = record_review(session, image, label, reviewer.strip(), note)
+        review = record_review(session, image, label, current_user.username, (note or "").strip()[:2000] or None,
+                               reviewer_id=current_user.id)
     except ValueError as exc:
         abort(400, str(exc))
+    record("review", "image", image.id, {"label": review.label, "rereview": rereview, "via": "api"})
     session.commit()
     return jsonify(
         id=review.id, image_id=image.id, label=review.label, reviewer=review.reviewer_name, note=review.note,
@@ -108,6 +157,7 @@ def review_image(image_id: int):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/models")
+@require("view")
 def list_models():  # type: ignore[no-untyped-def]
     """Registered model versions, newest first, with which one is in production."""
     return jsonify(models=[presenters.model_dict(version) for version in registry.list_versions(extensions.db_session())])

@@ -29,12 +29,11 @@ CONTENT_SECURITY_POLICY = "default-src 'self'; img-src 'self' data:; object-src 
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Attach settings, one :class:`Database`, a Celery client and CSRF protection to ``app``."""
+    """Attach settings, one :class:`Database` and a Celery client to ``app`` (CSRF: see create_app)."""
     app.extensions[SETTINGS_KEY] = settings
     app.extensions[DATABASE_KEY] = Database(settings)
     app.extensions[CELERY_KEY] = make_celery(settings, main="portal")
     app.before_request(_refuse_oversized)
-    csrf.init_app(app)
     app.teardown_appcontext(_close_session)
     app.context_processor(_template_globals)
     app.after_request(_security_headers)
@@ -43,6 +42,11 @@ def init_app(app: Flask, settings: Settings) -> None:
 def settings() -> Settings:
     """The current app's settings."""
     return current_app.extensions[SETTINGS_KEY]
+
+
+def settings_of(app: Flask) -> Settings:
+    """The settings of ``app`` (outside a request)."""
+    return app.extensions[SETTINGS_KEY]
 
 
 def database() -> Database:
@@ -102,7 +106,9 @@ def _template_globals() -> dict[str, object]:
         log.exception("could not look up the production model for the page banner")
         rollback_session()
         version = None
-    return {"production_model": version, "max_upload_mb": settings().max_upload_mb}
+    from flask_login import current_user
+
+    return {"production_model": version, "max_upload_mb": settings().max_upload_mb, "user": current_user}
 
 
 def _security_headers(response):  # type: ignore[no-untyped-def]

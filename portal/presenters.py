@@ -54,6 +54,7 @@ def study_dict(session: Session, study: Study) -> dict[str, Any]:
         "id": study.id,
         "name": study.name,
         "status": study.status.value,
+        "rerun_of_id": study.rerun_of_id,
         "created_at": iso(study.created_at),
         "finished_at": iso(study.finished_at),
         "model_version": model_summary(study.model_version),

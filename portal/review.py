@@ -1,58 +1,116 @@
-"""The review queue: people label the cases the model flagged as low-confidence."""
+"""Review of flagged low-confidence cases: the queue (oldest first) and a viewer with one-key labelling."""
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
+from typing import Any
+
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask_login import current_user
+from sqlalchemy.orm import Session
 
 from core.models import Image, ImageStatus
-from core.studies import record_review, review_queue
+from core.reviewing import (
+    count_flagged_cases, flagged_cases, humanize_seconds, next_case, reason_categories, waiting_seconds,
+)
+from core.studies import record_review, study_prediction
 from portal import extensions, presenters
+from portal.auth import record, require
 
 bp = Blueprint("review", __name__)
 
-MAX_SHOWN = 50
+MAX_SHOWN = 100
 
 
-def _render_queue(study_id: int | None, error: str | None = None, status: int = 200):  # type: ignore[no-untyped-def]
-    cases = review_queue(extensions.db_session(), study_id=study_id)
-    shown = [presenters.review_case(image, prediction) for image, prediction in cases[:MAX_SHOWN]]
-    return (
-        render_template(
-            "review.html", cases=shown, total=len(cases), study_id=study_id, error=error,
-            reviewer=session.get("reviewer", ""),
-        ),
-        status,
-    )
+def _filters() -> dict[str, Any]:
+    """The queue filters of this request (study id, flag-reason category), empty ones left out."""
+    values = request.values
+    filters: dict[str, Any] = {}
+    study = values.get("study", type=int)
+    if study:
+        filters["study"] = study
+    reason = (values.get("reason") or "").strip()[:200]
+    if reason:
+        filters["reason"] = reason
+    return filters
 
 
 @bp.get("/review")
-def queue():  # type: ignore[no-untyped-def]
-    """List flagged, unreviewed images, oldest first, each with a review form."""
-    return _render_queue(request.args.get("study", type=int))
+@require("review")
+def queue() -> Any:
+    """Flagged, unreviewed images, oldest first, filterable by study and flag reason, with waiting time."""
+    session = extensions.db_session()
+    filters = _filters()
+    cases = flagged_cases(session, study_id=filters.get("study"), reason=filters.get("reason"), limit=MAX_SHOWN)
+    shown = []
+    for image, prediction in cases:
+        case = presenters.review_case(image, prediction)
+        case["waiting"] = humanize_seconds(waiting_seconds(prediction.created_at))
+        case["open_url"] = url_for("review.case", image_id=image.id, **filters)
+        shown.append(case)
+    total = count_flagged_cases(session, study_id=filters.get("study"), reason=filters.get("reason"))
+    return render_template("review.html", cases=shown, total=total, filters=filters, reasons=reason_categories(session))
+
+
+def _case_context(session: Session, image: Image) -> dict[str, Any]:
+    prediction = study_prediction(image, image.study.model_version_id)
+    if prediction is None:
+        abort(404, f"Image #{image.id} has no prediction yet.")
+    case = presenters.review_case(image, prediction)
+    case["waiting"] = humanize_seconds(waiting_seconds(prediction.created_at))
+    case["heatmap_url"] = url_for("studies.heatmap", prediction_id=prediction.id) if prediction.heatmap_key else None
+    case["width"], case["height"] = image.width, image.height
+    case["reviews"] = [
+        {"label": r.label, "reviewer": r.reviewer_name, "note": r.note, "created_at": presenters.iso(r.created_at)}
+        for r in image.reviews
+    ]
+    return case
+
+
+@bp.get("/review/<int:image_id>")
+@require("review")
+def case(image_id: int) -> Any:
+    """The viewer: the image large (zoom, pan, window/level), probabilities, heat map, one-key labels."""
+    session = extensions.db_session()
+    image = session.get(Image, image_id)
+    if image is None:
+        abort(404, f"Image #{image_id} not found.")
+    if image.status != ImageStatus.DONE:
+        abort(409, f"Image #{image_id} is {image.status.value}; only classified images can be reviewed.")
+    context = _case_context(session, image)
+    record("view", "image", image.id)
+    session.commit()
+    filters = _filters()
+    may_review = not image.reviews or current_user.can("rereview")
+    remaining = count_flagged_cases(session, study_id=filters.get("study"), reason=filters.get("reason"))
+    return render_template("viewer.html", case=context, filters=filters, may_review=may_review, remaining=remaining)
 
 
 @bp.post("/review/<int:image_id>")
-def submit(image_id: int):  # type: ignore[no-untyped-def]
-    """Record a review from the form and go on to the next case."""
-    db = extensions.db_session()
-    study_id = request.form.get("study", type=int)
-    image = db.get(Image, image_id)
+@require("review")
+def submit(image_id: int) -> Any:
+    """Record the reviewer's label (and optional note), then open the next case."""
+    session = extensions.db_session()
+    image = session.get(Image, image_id)
     if image is None:
         abort(404, f"Image #{image_id} not found.")
-    reviewer = request.form.get("reviewer", "").strip()
-    if not reviewer:
-        return _render_queue(study_id, error="Enter your name as the reviewer.", status=400)
-    if image.status == ImageStatus.FAILED:
-        return _render_queue(study_id, error=f"Image #{image_id} failed; there is nothing to review.", status=409)
-    before = [case.id for case, _ in review_queue(db, study_id=study_id)]
+    if image.status != ImageStatus.DONE:
+        abort(409, f"Image #{image_id} is {image.status.value}; there is nothing to review.")
+    if image.reviews and not current_user.can("rereview"):
+        abort(409, f"Image #{image_id} was already reviewed; only an admin can review it again.")
+    note = (request.form.get("note") or "").strip()[:2000] or None
+    rereview = bool(image.reviews)
     try:
-        record_review(db, image, request.form.get("label", ""), reviewer, request.form.get("note", "").strip() or None)
+        review = record_review(session, image, request.form.get("label", ""), current_user.username, note,
+                               reviewer_id=current_user.id)
     except ValueError as exc:
-        db.rollback()
-        return _render_queue(study_id, error=str(exc), status=400)
-    db.commit()
-    session["reviewer"] = reviewer
-    flash(f"Review recorded for {image.filename}.", "info")
-    following = before[before.index(image_id) + 1 :] if image_id in before else before
-    anchor = f"#case-{following[0]}" if following else ""
-    return redirect(url_for("review.queue", study=study_id) + anchor, code=303)
+        session.rollback()
+        abort(400, str(exc))
+    record("review", "image", image.id, {"label": review.label, "rereview": rereview})
+    session.commit()
+    filters = _filters()
+    flash(f"Recorded {review.label} for {image.filename}.", "info")
+    following = next_case(session, image.id, study_id=filters.get("study"), reason=filters.get("reason"))
+    if following is None:
+        flash("No more cases waiting" + (" with these filters." if filters else "."), "info")
+        return redirect(url_for("review.queue", **filters), code=303)
+    return redirect(url_for("review.case", image_id=following.id, **filters), code=303)

@@ -1,13 +1,24 @@
-"""Pages for people: the studies list with the upload form, one study's progress and results."""
+"""Pages for people: the studies list with the upload form, one study's progress and results, exports, re-runs."""
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, send_file, url_for
+import csv
+import io
+import json
+from typing import Any
+
+from flask import Blueprint, Response, abort, flash, redirect, render_template, request, send_file, url_for
+from flask_login import current_user
 from sqlalchemy import select
 
-from core.models import Image, Study
+from core import registry
+from core.artifacts import heatmap_store
+from core.models import Image, ModelVersion, Prediction, Study
+from core.queue import enqueue_images
+from core.reruns import comparison, rerun_study
 from core.studies import image_store, study_counts
 from portal import extensions, presenters
+from portal.auth import record, require
 from portal.uploads import UploadError, collect_files, require_production_model, submit_study
 
 bp = Blueprint("studies", __name__)
@@ -20,29 +31,42 @@ INLINE_TYPES = (
     (b"\x89PNG\r\n\x1a\n", "image/png", ".png"),
     (b"BM", "image/bmp", ".bmp"),
 )
+CSV_FIELDS = ("image_id", "filename", "sha256", "status", "error", "label", "confidence", "flagged", "flag_reason",
+              "model_version_id", "review_label", "reviewer", "reviewed_at")
 
 
-def _render_index(error: str | None = None, status: int = 200):  # type: ignore[no-untyped-def]
+def _render_index(error: str | None = None, status: int = 200) -> Any:
     session = extensions.db_session()
     studies = list(session.scalars(select(Study).order_by(Study.id.desc()).limit(MAX_LISTED)))
     rows = [(study, study_counts(session, study.id)) for study in studies]
     return render_template("studies.html", rows=rows, error=error), status
 
 
+def get_study(study_id: int) -> Study:
+    """The study with ``study_id`` or a 404."""
+    study = extensions.db_session().get(Study, study_id)
+    if study is None:
+        abort(404, f"Study #{study_id} not found.")
+    return study
+
+
 @bp.get("/")
-def index():  # type: ignore[no-untyped-def]
-    """List studies and offer the upload form."""
+@require("view")
+def index() -> Any:
+    """List studies (with live progress) and offer the upload form."""
     return _render_index()
 
 
 @bp.post("/studies")
-def upload():  # type: ignore[no-untyped-def]
+@require("upload")
+def upload() -> Any:
     """Create a study from the upload form and go to its page."""
     session, settings = extensions.db_session(), extensions.settings()
     try:
         version = require_production_model(session)
         files = collect_files(request.files.getlist("files"), request.files.get("archive"), settings.max_upload_mb * 1024 * 1024)
-        submitted = submit_study(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version)
+        submitted = submit_study(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version,
+                                 created_by_id=current_user.id)
     except UploadError as exc:
         session.rollback()
         return _render_index(error=exc.message, status=exc.status)
@@ -52,14 +76,90 @@ def upload():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/studies/<int:study_id>")
-def study_page(study_id: int):  # type: ignore[no-untyped-def]
-    """Show a study's live progress and, as they arrive, its results."""
+@require("view")
+def study_page(study_id: int) -> Any:
+    """Show a study's live progress and, as they arrive, its results (sortable, filterable)."""
     session = extensions.db_session()
-    study = session.get(Study, study_id)
-    if study is None:
-        abort(404, f"Study #{study_id} not found.")
+    study = get_study(study_id)
     results = [presenters.image_result(image, study.model_version_id) for image in presenters.study_images(session, study)]
-    return render_template("study.html", study=study, counts=study_counts(session, study.id), results=results)
+    record("view", "study", study.id)
+    session.commit()
+    versions = [v for v in registry.list_versions(session) if v.id != study.model_version_id]
+    return render_template(
+        "study.html", study=study, counts=study_counts(session, study.id), results=results,
+        compare=comparison(session, study), versions=versions,
+    )
+
+
+def export_rows(study: Study) -> list[dict[str, Any]]:
+    """One flat row per image of ``study`` (for CSV and JSON exports)."""
+    rows = []
+    for image in presenters.study_images(extensions.db_session(), study):
+        result = presenters.image_result(image, study.model_version_id)
+        review = result["review"] or {}
+        rows.append({
+            "image_id": image.id, "filename": image.filename, "sha256": image.sha256, "status": result["status"],
+            "error": result["error"], "label": result["label"], "confidence": result["confidence"],
+            "flagged": result["flagged"], "flag_reason": result["flag_reason"],
+            "model_version_id": result["model_version_id"], "probabilities": result["probabilities"],
+            "review_label": review.get("label"), "reviewer": review.get("reviewer"), "reviewed_at": review.get("created_at"),
+        })
+    return rows
+
+
+def _csv_safe(value: Any) -> Any:
+    """Neutralise spreadsheet formulas in user-supplied text (a file name like ``=HYPERLINK(...)``)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def export_response(study: Study, fmt: str) -> Response:
+    """The study's results as a CSV or JSON download (audited)."""
+    rows = export_rows(study)
+    record("export", "study", study.id, {"format": fmt, "rows": len(rows)})
+    extensions.db_session().commit()
+    if fmt == "json":
+        body = json.dumps({"study": presenters.study_dict(extensions.db_session(), study), "images": rows}, indent=2)
+        return Response(body, mimetype="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="study-{study.id}.json"'})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*CSV_FIELDS, "probabilities"], extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _csv_safe(value) for key, value in row.items()} | {"probabilities": json.dumps(row["probabilities"])})
+    return Response(buffer.getvalue(), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="study-{study.id}.csv"'})
+
+
+@bp.get("/studies/<int:study_id>/export.<fmt>")
+@require("export")
+def export(study_id: int, fmt: str) -> Any:
+    """Download a study's results as CSV or JSON."""
+    if fmt not in ("csv", "json"):
+        abort(404, "Export formats: csv, json.")
+    return export_response(get_study(study_id), fmt)
+
+
+@bp.post("/studies/<int:study_id>/rerun")
+@require("rerun")
+def rerun(study_id: int) -> Any:
+    """Classify a study's stored images again with another model version (a new, linked study)."""
+    session, settings = extensions.db_session(), extensions.settings()
+    study = get_study(study_id)
+    version = session.get(ModelVersion, request.form.get("model_version_id", type=int) or 0)
+    if version is None:
+        abort(400, "Choose a registered model version.")
+    try:
+        created = rerun_study(session, study, version, created_by_id=current_user.id)
+    except ValueError as exc:
+        session.rollback()
+        abort(409, str(exc))
+    record("rerun", "study", created.study.id, {"of": study.id, "model_version_id": version.id})
+    session.commit()
+    enqueue_images(extensions.celery_app(), created.study.id, created.queued_ids, settings.chunk_size)
+    flash(f"Re-running {len(created.queued_ids)} images with {version.display_name}.", "info")
+    return redirect(url_for("studies.study_page", study_id=created.study.id), code=303)
 
 
 def _sniff(head: bytes) -> tuple[str, str, bool]:
@@ -72,7 +172,8 @@ def _sniff(head: bytes) -> tuple[str, str, bool]:
 
 
 @bp.get("/images/<int:image_id>/file")
-def image_file(image_id: int):  # type: ignore[no-untyped-def]
+@require("view")
+def image_file(image_id: int) -> Any:
     """Serve an image's stored bytes by image id, with a type sniffed from its content."""
     image = extensions.db_session().get(Image, image_id)
     if image is None:
@@ -85,5 +186,18 @@ def image_file(image_id: int):  # type: ignore[no-untyped-def]
     with open(path, "rb") as handle:
         mimetype, suffix, attachment = _sniff(handle.read(SNIFF_BYTES))
     return send_file(
-        path, mimetype=mimetype, as_attachment=attachment, download_name=f"image-{image.id}{suffix}", max_age=86400
+        path, mimetype=mimetype, as_attachment=attachment, download_name=f"image-{image.id}{suffix}", max_age=3600
     )
+
+
+@bp.get("/predictions/<int:prediction_id>/heatmap.png")
+@require("view")
+def heatmap(prediction_id: int) -> Any:
+    """Serve the stored Grad-CAM heat map of a prediction (computed once by the worker)."""
+    prediction = extensions.db_session().get(Prediction, prediction_id)
+    if prediction is None or not prediction.heatmap_key:
+        abort(404, f"Prediction #{prediction_id} has no heat map.")
+    path = heatmap_store(extensions.settings()).path_for_key(prediction.heatmap_key)
+    if not path.is_file():
+        abort(404, "The heat map file is missing from the store.")
+    return send_file(path, mimetype="image/png", max_age=3600)

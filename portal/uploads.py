@@ -154,11 +154,15 @@ def submit_study(
     name: str,
     files: list[tuple[str, bytes]],
     model_version: ModelVersion,
+    created_by_id: int | None = None,
 ) -> SubmittedStudy:
-    """Record a study with every file, commit, then queue the good images in chunks."""
-    study = create_study(session, name.strip(), model_version)
+    """Record a study with every file (audited as an upload), commit, then queue the good images in chunks."""
+    from portal.auth import record
+
+    study = create_study(session, name.strip(), model_version, created_by_id=created_by_id)
     images = [add_upload(session, settings, study, filename, data) for filename, data in files]
     queued = [image.id for image in images if image.status == ImageStatus.QUEUED]
+    record("upload", "study", study.id, {"files": len(images), "queued": len(queued)})
     if not queued:  # every file was refused: no worker will ever finish this study, so finish it now
         finish_study_if_complete(session, study.id)
         session.refresh(study)

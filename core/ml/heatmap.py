@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 
 from core.config import Settings
 from core.models import Image, Prediction
-from core.storage import ContentStore
+from core.artifacts import heatmap_store
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +31,6 @@ MAX_SIDE = 512
 _STOPS = np.array([
     [0.00, 0, 0, 160], [0.25, 0, 170, 255], [0.50, 40, 210, 40], [0.75, 255, 220, 0], [1.00, 230, 20, 20],
 ], dtype=np.float32)
-
-
-def heatmap_store(settings: Settings) -> ContentStore:
-    """Where heat-map PNGs are kept (content-addressed, under the data folder)."""
-    return ContentStore(Path(settings.data_dir) / "heatmaps", suffix=".png")
 
 
 def _last_conv(model: nn.Module) -> nn.Module | None:

@@ -1,4 +1,9 @@
-"""Portal fixtures: an app on the migrated test database and the embedded filesystem broker."""
+"""Portal fixtures: an app on the migrated test database and the embedded filesystem broker, and accounts.
+
+``client`` is signed in as an admin (session cookie) and also sends the admin's API token, so it may
+call both the pages and the JSON API; tests of access control use :func:`session_client`,
+:func:`token_client` and ``anon`` instead.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,15 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from core import registry
+from core.auth import create_user, get_user, issue_token
 from core.config import Settings
 from core.db import Database
 from core.models import Image, ModelVersion
 from core.studies import save_predictions
 from portal import create_app
+
+PASSWORD = "correct horse battery"
+ROLES = ("admin", "reviewer", "uploader")
 
 
 @pytest.fixture
@@ -31,8 +40,55 @@ def app(settings: Settings, db: Database) -> Iterator[Flask]:
 
 
 @pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    """A test client of the portal."""
+def users(db: Database) -> dict[str, str]:
+    """One account per role, named after the role; returns role -> API token."""
+    tokens = {}
+    with db.transaction() as session:
+        for role in ROLES:
+            user = create_user(session, role, PASSWORD, role)
+            tokens[role] = issue_token(session, user, "tests")[1]
+    return tokens
+
+
+def login(client: FlaskClient, username: str, password: str = PASSWORD) -> FlaskClient:
+    """Sign ``client`` in through the login form (with its CSRF token)."""
+    page = client.get("/login")
+    response = client.post("/login", data={"csrf_token": csrf_token(page.get_data(as_text=True)),
+                                           "username": username, "password": password})
+    assert response.status_code == 303, response.get_data(as_text=True)[:500]
+    return client
+
+
+def session_client(app: Flask, username: str) -> FlaskClient:
+    """A client signed in with a session cookie only."""
+    return login(app.test_client(), username)
+
+
+def token_client(app: Flask, token: str) -> FlaskClient:
+    """A client that sends only ``Authorization: Bearer <token>``."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return client
+
+
+def admin_token(db: Database) -> str:
+    """Create an admin account on ``db`` and return an API token for it."""
+    with db.transaction() as session:
+        user = get_user(session, "admin") or create_user(session, "admin", PASSWORD, "admin")
+        return issue_token(session, user, "tests")[1]
+
+
+@pytest.fixture
+def client(app: Flask, users: dict[str, str]) -> FlaskClient:
+    """A test client signed in as the admin (session) that also sends the admin's API token."""
+    client = session_client(app, "admin")
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {users['admin']}"
+    return client
+
+
+@pytest.fixture
+def anon(app: Flask) -> FlaskClient:
+    """A client that is not signed in."""
     return app.test_client()
 
 
@@ -88,7 +144,7 @@ def broker_messages(settings: Settings) -> list[dict[str, object]]:
 
 def csrf_token(html: str) -> str:
     """The CSRF token of the first form on a page."""
-    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    match = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', html) or re.search(r'name="csrf-token" content="([^"]+)"', html)
     assert match, "page has no CSRF token"
     return match.group(1)
 

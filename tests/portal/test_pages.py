@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from core.config import Settings
 from core.db import Database
 from tests.conftest import PROJECT_ROOT, xray_sample
-from tests.portal.conftest import predict
+from tests.portal.conftest import predict, token_client
 
 BANNER = "Demo model — not for clinical use"
 
@@ -100,13 +100,13 @@ def test_api_errors_are_json_and_healthz_is_ok(client: FlaskClient) -> None:
     assert client.get("/no-such-page").mimetype == "text/html"
 
 
-def test_unexpected_error_is_a_500_with_the_session_rolled_back(app, client: FlaskClient) -> None:  # type: ignore[no-untyped-def]
+def test_unexpected_error_is_a_500_with_the_session_rolled_back(app, users: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
     @app.get("/api/boom")
     def boom():  # type: ignore[no-untyped-def]
         """Fail on purpose."""
         raise RuntimeError("boom")
 
-    response = client.get("/api/boom")
+    response = token_client(app, users["admin"]).get("/api/boom")
     assert response.status_code == 500
     assert "Internal error" in response.get_json()["error"] and "boom" not in response.get_json()["error"]
 
@@ -117,10 +117,15 @@ def test_importing_the_portal_and_serving_requests_does_not_import_torch(tmp_pat
         "from core.migrate import upgrade\n"
         "from core.config import get_settings\n"
         "upgrade(get_settings().database_url)\n"
+        "from core.db import Database\n"
+        "from core.auth import create_user, issue_token\n"
+        "with Database(get_settings()).transaction() as s:\n"
+        "    token = issue_token(s, create_user(s, 'admin', 'long enough password', 'admin'))[1]\n"
         "import portal\n"
         "app = portal.create_app()\n"
         "client = app.test_client()\n"
-        "for path in ('/', '/review', '/models', '/api/studies', '/api/models', '/healthz'):\n"
+        "client.environ_base['HTTP_AUTHORIZATION'] = 'Bearer ' + token\n"
+        "for path in ('/', '/review', '/models', '/admin/audit', '/api/studies', '/api/models', '/api/openapi.json', '/healthz', '/metrics'):\n"
         "    assert client.get(path).status_code == 200, path\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'worker', 'core.ml') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"

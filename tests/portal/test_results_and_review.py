@@ -58,22 +58,27 @@ def test_review_through_the_api_removes_the_case_from_the_queue(client: FlaskCli
     assert [case["image_id"] for case in queue["cases"]] == [first, third]  # oldest first, only flagged
     assert queue["cases"][0]["labels"] == ["fracture", "no_fracture"]
 
-    response = client.post(f"/api/images/{first}/review", json={"label": "no_fracture", "reviewer": "dr who", "note": "rotated"})
+    assert queue["cases"][0]["waiting_seconds"] >= 0 and queue["cases"][0]["waiting"].endswith("s")
+
+    response = client.post(f"/api/images/{first}/review", json={"label": "no_fracture", "note": "rotated"})
     assert response.status_code == 201
     assert response.get_json()["label"] == "no_fracture"
     with db.transaction() as session:
         (review,) = session.scalars(select(Review).where(Review.image_id == first))
-        assert (review.reviewer_name, review.note) == ("dr who", "rotated")
+        # The reviewer is the signed-in user (from the token), never a name the client makes up.
+        assert (review.reviewer_name, review.note) == ("admin", "rotated")
+        assert review.reviewer_id is not None
     assert [case["image_id"] for case in client.get("/api/review-queue").get_json()["cases"]] == [third]
     assert client.get(f"/api/review-queue?study={study['id'] + 1}").get_json()["count"] == 0
 
 
 def test_review_with_bad_input_is_refused(client: FlaskClient, db: Database, study: dict) -> None:
     first = study["good"][0]
-    unknown = client.post(f"/api/images/{first}/review", json={"label": "broken_leg", "reviewer": "dr who"})
+    unknown = client.post(f"/api/images/{first}/review", json={"label": "broken_leg"})
     assert unknown.status_code == 400
     assert "label must be one of fracture, no_fracture" in unknown.get_json()["error"]
-    assert client.post(f"/api/images/{first}/review", json={"label": "fracture"}).status_code == 400
+    assert client.post(f"/api/images/{first}/review", json={"note": "no label"}).status_code == 400
+    assert client.post(f"/api/images/{first}/review", json={"label": "fracture", "note": 5}).status_code == 400
     assert client.post(f"/api/images/{first}/review", data="label=fracture").status_code == 400
     assert client.post("/api/images/9999/review", json={"label": "fracture", "reviewer": "x"}).status_code == 404
     failed = client.post(f"/api/images/{study['bad'][0]}/review", json={"label": "fracture", "reviewer": "x"})
@@ -82,26 +87,42 @@ def test_review_with_bad_input_is_refused(client: FlaskClient, db: Database, stu
         assert session.scalars(select(Review)).all() == []
 
 
-def test_review_through_the_html_form_with_csrf_goes_to_the_next_case(client: FlaskClient, db: Database, study: dict) -> None:
+def test_viewer_records_a_label_with_csrf_and_opens_the_next_case(client: FlaskClient, db: Database, study: dict) -> None:
     first, _, third = study["good"]
-    page = client.get("/review").get_data(as_text=True)
-    assert f'id="case-{first}"' in page and f'id="case-{third}"' in page
+    queue = client.get("/review").get_data(as_text=True)
+    assert f'id="case-{first}"' in queue and f'id="case-{third}"' in queue
+    assert queue.index(f'id="case-{first}"') < queue.index(f'id="case-{third}"')  # oldest first
+    assert f'href="/review/{first}"' in queue and 'class="waiting"' in queue
+
+    page = client.get(f"/review/{first}").get_data(as_text=True)
     assert "55.0%" in page and "45.0%" in page  # probability of every class is shown
-    assert '<option value="no_fracture">' in page
+    assert 'data-label="no_fracture" data-key="2"' in page and 'data-model-label="fracture"' in page
+    assert 'id="brightness"' in page and 'id="contrast"' in page and "viewer.js" in page
+    assert "No heat map stored" in page  # predictions written here carry none
 
-    without_token = client.post(f"/review/{first}", data={"label": "fracture", "reviewer": "dr who"})
-    assert without_token.status_code == 400
+    without_token = client.post(f"/review/{first}", data={"label": "fracture"})
+    assert without_token.status_code == 400 and b"CSRF" in without_token.data
 
-    response = client.post(f"/review/{first}", data={
-        "csrf_token": csrf_token(page), "label": "fracture", "reviewer": "dr who", "note": ""})
+    response = client.post(f"/review/{first}", data={"csrf_token": csrf_token(page), "label": "fracture", "note": ""})
     assert response.status_code == 303
-    assert response.headers["Location"] == f"/review#case-{third}"
+    assert response.headers["Location"] == f"/review/{third}"  # the next case opens
     with db.transaction() as session:
         (review,) = session.scalars(select(Review).where(Review.image_id == first))
-        assert (review.label, review.reviewer_name, review.note) == ("fracture", "dr who", None)
+        assert (review.label, review.reviewer_name, review.note) == ("fracture", "admin", None)
     after = client.get("/review").get_data(as_text=True)
     assert f'id="case-{first}"' not in after and f'id="case-{third}"' in after
-    assert 'value="dr who"' in after  # the reviewer's name is remembered
 
-    bad_label = client.post(f"/review/{third}", data={"csrf_token": csrf_token(after), "label": "nope", "reviewer": "dr who"})
+    bad_label = client.post(f"/review/{third}", data={"csrf_token": csrf_token(after), "label": "nope"})
     assert bad_label.status_code == 400 and b"label must be one of" in bad_label.data
+    last = client.post(f"/review/{third}", data={"csrf_token": csrf_token(after), "label": "no_fracture", "note": "ok"})
+    assert last.status_code == 303 and last.headers["Location"] == "/review"  # queue empty: back to it
+
+
+def test_queue_filters_by_study_and_flag_reason(client: FlaskClient, db: Database, study: dict) -> None:
+    first, _, third = study["good"]
+    assert client.get(f"/api/review-queue?study={study['id']}").get_json()["count"] == 2
+    assert client.get("/api/review-queue?reason=low confidence").get_json()["count"] == 2
+    assert client.get("/api/review-queue?reason=something else").get_json()["count"] == 0
+    page = client.get("/review?reason=nothing+like+it").get_data(as_text=True)
+    assert f'id="case-{first}"' not in page and "0 flagged cases waiting" in page
+    assert '<option value="low confidence"' in client.get("/review").get_data(as_text=True)

@@ -19,7 +19,7 @@ from core.queue import CLASSIFY_CHUNK_TASK
 from core.storage import sha256_bytes
 from portal import create_app
 from tests.conftest import make_settings, xray_sample
-from tests.portal.conftest import broker_messages, files_under
+from tests.portal.conftest import admin_token, broker_messages, files_under, token_client
 
 
 def _post(client: FlaskClient, name: str, files: dict[str, bytes] | None = None, archive: bytes | None = None):
@@ -154,7 +154,7 @@ def test_zip_bomb_over_the_upload_limit_is_refused_with_413(
     upgrade(small.database_url)
     small_db = Database(small)
     register_tiny_model(small_db, small, tiny_weights)
-    client = create_app(small).test_client()
+    client = token_client(create_app(small), admin_token(small_db))
     bomb = _zip({"zeros.jpg": b"\x00" * (3 * 1024 * 1024)})
     assert len(bomb) < 100_000  # the request itself is small; only its content is large
     response = _post(client, "bomb", archive=bomb)
@@ -170,7 +170,7 @@ def test_request_over_the_upload_limit_is_413_naming_the_setting(tmp_path: Path)
 
     small = make_settings(tmp_path / "small", max_upload_mb=1)
     upgrade(small.database_url)
-    client = create_app(small).test_client()
+    client = token_client(create_app(small), admin_token(Database(small)))
     response = _post(client, "huge", {"big.jpg": b"\xff" * (2 * 1024 * 1024)})
     assert response.status_code == 413
     error = response.get_json()["error"]
