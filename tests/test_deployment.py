@@ -22,7 +22,17 @@ def _environment(service: dict) -> dict[str, str]:
 
 
 def test_compose_has_the_five_services() -> None:
-    assert {"redis", "postgres", "migrate", "portal", "worker"} <= set(SERVICES)
+    assert {"redis", "postgres", "migrate", "portal", "worker", "scheduler"} <= set(SERVICES)
+
+
+def test_scheduler_runs_the_reconciler_beat() -> None:
+    import worker
+
+    command = SERVICES["scheduler"]["command"]
+    assert command[:4] == ["celery", "-A", "worker", "beat"]
+    schedule = worker.app.conf.beat_schedule
+    assert any(entry["task"] == "triage.reconcile" for entry in schedule.values())
+    assert "triage.reconcile" in worker.app.tasks
 
 
 def test_every_triage_variable_in_compose_is_a_real_setting() -> None:
@@ -72,7 +82,7 @@ def test_worker_command_starts_the_celery_app_with_a_gpu() -> None:
 
 
 def test_images_and_models_are_on_one_shared_volume() -> None:
-    for name in ("portal", "worker", "migrate"):
+    for name in ("portal", "worker", "migrate", "scheduler"):
         env = _environment(SERVICES[name])
         data_dir = env["TRIAGE_DATA_DIR"]
         mounts = {m.split(":")[1]: m.split(":")[0] for m in SERVICES[name]["volumes"]}
@@ -85,3 +95,10 @@ def test_dockerfile_copies_paths_that_exist(line: str) -> None:
     *sources, _target = line.split()[1:]
     for source in sources:
         assert (PROJECT_ROOT / source).exists(), source
+
+
+def test_readme_settings_table_matches_the_settings() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(TRIAGE_\w+)` \|", readme, flags=re.MULTILINE))
+    actual = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    assert documented == actual, f"undocumented: {actual - documented}; stale: {documented - actual}"
