@@ -5,8 +5,10 @@
   when sent, decides who the request is from, and a bad one is a 401.
 * A guard before every request refuses anonymous access to any endpoint not in
   :data:`PUBLIC_ENDPOINTS`, so a new route is protected without anyone remembering to.
-* Session-authenticated POSTs to the JSON API need the CSRF token too (header ``X-CSRFToken``);
-  token-authenticated requests do not (a browser never sends a bearer token by itself).
+* Every cookie-authenticated write (form or JSON API) needs the CSRF token (form field or header
+  ``X-CSRFToken``), checked here after sign-in so anonymous requests get 401/redirect first;
+  token-authenticated requests need none (a browser never sends a bearer token by itself). The
+  login form checks its own token (Flask-WTF form).
 * Failed logins are counted in the audit log (so across every portal process); over the limit, 429.
 """
 
@@ -34,6 +36,7 @@ login_manager.login_view = "auth.login"
 login_manager.login_message = "Sign in to continue."
 login_manager.session_protection = "basic"
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_ENDPOINTS = frozenset({"auth.login", "health.healthz", "health.readyz", "static"})
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -156,8 +159,8 @@ def _guard() -> Any:
         g.auth_via_token = True
     if not current_user.is_authenticated:
         return login_manager.unauthorized()
-    if request.blueprint == "api" and request.method not in ("GET", "HEAD", "OPTIONS") and not g.get("auth_via_token"):
-        extensions.csrf.protect()
+    if request.method not in SAFE_METHODS and not g.get("auth_via_token"):
+        extensions.csrf.protect()  # cookie-authenticated writes, pages and API alike, need the CSRF token
     return None
 
 
@@ -222,6 +225,7 @@ def init_app(app: Flask) -> None:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.secure_cookies,
         SESSION_COOKIE_NAME="triage_session",
+        WTF_CSRF_CHECK_DEFAULT=False,  # the guard calls csrf.protect() itself (see the module docstring)
         REMEMBER_COOKIE_HTTPONLY=True,
         REMEMBER_COOKIE_SAMESITE="Lax",
     )

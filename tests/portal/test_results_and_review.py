@@ -13,7 +13,7 @@ from core.db import Database
 from core.models import Review
 from core.studies import finish_study_if_complete
 from tests.conftest import xray_sample
-from tests.portal.conftest import csrf_token, predict
+from tests.portal.conftest import csrf_token, predict, session_client
 
 
 @pytest.fixture
@@ -87,7 +87,8 @@ def test_review_with_bad_input_is_refused(client: FlaskClient, db: Database, stu
         assert session.scalars(select(Review)).all() == []
 
 
-def test_viewer_records_a_label_with_csrf_and_opens_the_next_case(client: FlaskClient, db: Database, study: dict) -> None:
+def test_viewer_records_a_label_with_csrf_and_opens_the_next_case(app, db: Database, study: dict) -> None:  # type: ignore[no-untyped-def]
+    client = session_client(app, "admin")  # a person in a browser: cookie, no token
     first, _, third = study["good"]
     queue = client.get("/review").get_data(as_text=True)
     assert f'id="case-{first}"' in queue and f'id="case-{third}"' in queue
