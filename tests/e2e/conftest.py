@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -100,6 +100,7 @@ class LivePortal:
 
     url: str
     server: object
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. an API token: {"Authorization": "Bearer ..."}
 
 
 @pytest.fixture
@@ -121,3 +122,16 @@ def live_portal_factory() -> Iterator[Callable[[Settings], LivePortal]]:
     yield start
     for server in servers:
         server.shutdown()
+
+
+def api_token(settings: Settings, username: str = "e2e-admin", role: str = "admin") -> str:
+    """Create an account on ``settings``' database and return an API token for it."""
+    from core.auth import create_user, issue_token
+    from core.db import Database
+
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            return issue_token(session, create_user(session, username, "e2e password, long enough", role), "e2e")[1]
+    finally:
+        database.dispose()

@@ -18,7 +18,7 @@ from core.db import Database
 from core.migrate import upgrade
 from core.models import Prediction
 from tests.conftest import make_settings, register_tiny_model, xray_sample
-from tests.e2e.conftest import LivePortal, LiveWorker, wait_for
+from tests.e2e.conftest import LivePortal, LiveWorker, api_token, wait_for
 
 IMAGES_PER_STUDY = 24
 
@@ -36,7 +36,7 @@ def _upload(portal: LivePortal, files: list[tuple[str, bytes]], name: str) -> di
         f"{portal.url}/api/studies",
         data={"name": name},
         files=[("files", (filename, data, "application/octet-stream")) for filename, data in files],
-        timeout=120,
+        headers=portal.headers, timeout=120,
     )
     assert response.status_code == 201, response.text
     return response.json()
@@ -46,7 +46,7 @@ def _wait_until_done(portal: LivePortal, study_id: int, worker: LiveWorker) -> d
     def done() -> dict | None:
         if worker.process.poll() is not None:
             raise AssertionError(f"worker died:\n{worker.log()[-4000:]}")
-        status = requests.get(f"{portal.url}/api/studies/{study_id}", timeout=30).json()
+        status = requests.get(f"{portal.url}/api/studies/{study_id}", headers=portal.headers, timeout=30).json()
         return status if status["status"] == "done" else None
 
     return wait_for(done, 300, f"study {study_id} to finish", interval=0.25)  # type: ignore[return-value]
@@ -68,6 +68,7 @@ def test_study_flows_from_upload_to_review(
     version_id = register_tiny_model(db, settings, tiny_weights)
     worker = live_worker_factory(settings)
     portal = live_portal_factory(settings)
+    portal.headers = {"Authorization": f"Bearer {api_token(settings)}"}
 
     good = [(f"{path.parent.name}/{path.name}", path.read_bytes()) for path in xray_sample(xrays_dir, IMAGES_PER_STUDY)]
     bad = [
@@ -82,7 +83,7 @@ def test_study_flows_from_upload_to_review(
     assert status["counts"]["done"] == IMAGES_PER_STUDY
     assert status["counts"]["failed"] == 3
 
-    results = requests.get(f"{portal.url}/api/studies/{study_id}/results", timeout=30).json()["images"]
+    results = requests.get(f"{portal.url}/api/studies/{study_id}/results", headers=portal.headers, timeout=30).json()["images"]
     by_name = {item["filename"]: item for item in results}
     assert len(by_name) == IMAGES_PER_STUDY + 3
     for filename, _ in good:
@@ -103,22 +104,22 @@ def test_study_flows_from_upload_to_review(
         assert len(per_image) == IMAGES_PER_STUDY and all(count == 1 for _, count in per_image)
 
     # The study page shows results and failures to a person.
-    page = requests.get(f"{portal.url}/studies/{study_id}", timeout=30).text
+    page = requests.get(f"{portal.url}/studies/{study_id}", headers=portal.headers, timeout=30).text
     assert "broken/notes.jpg" in page and "not an image" in page
 
     flagged = [item for item in results if item["flagged"]]
     assert flagged, "the random tiny model should leave some images under the 0.9 threshold"
-    queue = requests.get(f"{portal.url}/api/review-queue", timeout=30).json()["cases"]
+    queue = requests.get(f"{portal.url}/api/review-queue", headers=portal.headers, timeout=30).json()["cases"]
     assert {item["image_id"] for item in queue} == {item["id"] for item in flagged}
 
     case = flagged[0]
     response = requests.post(
         f"{portal.url}/api/images/{case['id']}/review",
-        json={"label": "fracture", "reviewer": "dr. test", "note": "cortical break"},
-        timeout=30,
+        json={"label": "fracture", "note": "cortical break"},
+        headers=portal.headers, timeout=30,
     )
     assert response.status_code == 201, response.text
-    queue_after = requests.get(f"{portal.url}/api/review-queue", timeout=30).json()["cases"]
+    queue_after = requests.get(f"{portal.url}/api/review-queue", headers=portal.headers, timeout=30).json()["cases"]
     assert case["id"] not in {item["image_id"] for item in queue_after}
     assert len(queue_after) == len(queue) - 1
     db.dispose()
