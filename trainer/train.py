@@ -222,7 +222,7 @@ def fit(
             loss.backward()
             optimizer.step()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         val_loss, val_acc = _validate(model, val_images, val_targets, config.batch_size * 2, device)
