@@ -203,9 +203,11 @@ def test_upload_with_no_files_is_400(client: FlaskClient, production_model: int,
 
 
 def test_html_upload_form_creates_study_and_redirects_to_its_page(
-    client: FlaskClient, production_model: int, settings: Settings, xrays_dir: Path
+    app, users: dict, production_model: int, settings: Settings, xrays_dir: Path  # type: ignore[no-untyped-def]
 ) -> None:
-    from tests.portal.conftest import csrf_token
+    from tests.portal.conftest import csrf_token, session_client
+
+    client = session_client(app, "uploader")  # a person in a browser: cookie, no token
 
     token = csrf_token(client.get("/").get_data(as_text=True))
     image = xray_sample(xrays_dir, 1)[0]
