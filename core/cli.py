@@ -144,11 +144,11 @@ def _ensure_demo_model(settings: Settings, env: dict[str, str], train_data: Path
         data = settings.data_dir / "demo-data"
         if not (data / "train").is_dir():
             print("no model yet: generating a synthetic demo data set (not real radiographs)…")
-            subprocess.run([sys.executable, "-m", "trainer", "synth", "--out", str(data), "--per-class", "60", "--image-size", "96"], env=env, check=True)
+            subprocess.run([sys.executable, "-m", "trainer", "synth", "--out", str(data), "--per-class", "150", "--image-size", "64"], env=env, check=True)
     print(f"training a small demo model on {data} (demo, not for clinical use; about a minute on CPU)…")
     subprocess.run(
-        [sys.executable, "-m", "trainer", "train", "--data", str(data), "--arch", "test_efficientnet",
-         "--image-size", "96", "--epochs", "8", "--out", str(settings.data_dir / "runs" / "demo"),
+        [sys.executable, "-m", "trainer", "train", "--data", str(data), "--arch", "test_resnet",
+         "--image-size", "64", "--epochs", "12", "--out", str(settings.data_dir / "runs" / "demo"),
          "--register", "--promote", "--demo", "--name", "demo model (synthetic data)"],
         env=env, check=True,
     )

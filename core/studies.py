@@ -110,8 +110,9 @@ def claim_images(session: Session, study_id: int, image_ids: Sequence[int], max_
 def _insert_ignoring_duplicates(session: Session, values: list[dict[str, Any]]) -> None:
     dialect = session.get_bind().dialect.name
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
-    statement = insert(Prediction).values(values).on_conflict_do_nothing(index_elements=["image_id", "model_version_id"])
-    session.execute(statement)
+    # One cached statement executed with many parameter sets ("insertmanyvalues" batching).
+    statement = insert(Prediction).on_conflict_do_nothing(index_elements=["image_id", "model_version_id"])
+    session.execute(statement, values)
 
 
 def save_predictions(session: Session, model_version_id: int, results: Sequence[tuple[Image, Any]]) -> None:

@@ -51,10 +51,11 @@ def classify_chunk(self: Task, study_id: int, image_ids: list[int]) -> dict[str,
 
     db, cache = _services()
     report = run_chunk(db, settings, cache, study_id, image_ids)
+    timing = " ".join(f"{stage}={seconds:.3f}s" for stage, seconds in report.seconds.items())
     log.info(
-        "task %s study %s: %d predicted, %d failed, %d already finished%s",
+        "task %s study %s: %d predicted, %d failed, %d already finished%s; timing %s",
         self.request.id, study_id, report.predicted, report.failed, report.skipped,
-        "; study done" if report.study_done else "",
+        "; study done" if report.study_done else "", timing,
     )
     return {"predicted": report.predicted, "failed": report.failed, "skipped": report.skipped, "study_done": report.study_done}
 

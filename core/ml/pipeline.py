@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image as PILImage
 from sqlalchemy import select
 
@@ -28,6 +29,9 @@ from core.storage import ContentStore
 from core.studies import claim_images, fail_image, finish_study_if_complete, image_store, save_predictions
 
 log = logging.getLogger(__name__)
+
+#: Batches decoded ahead of the model.
+LOOKAHEAD_BATCHES = 2
 
 
 @dataclass
@@ -63,10 +67,20 @@ class PredictorCache:
         return predictor
 
 
-DecodeOutcome = PILImage.Image | ImageDecodeError
+@dataclass
+class DecodedImage:
+    """One image ready for the model: the decoded picture and, when asked for, its input tensor."""
+
+    picture: PILImage.Image
+    tensor: torch.Tensor | None = None
 
 
-def _decode_one(store: ContentStore, key: str | None, max_pixels: int, draft_size: tuple[int, int] | None) -> DecodeOutcome:
+DecodeOutcome = DecodedImage | ImageDecodeError
+
+
+def _decode_one(
+    store: ContentStore, key: str | None, max_pixels: int, draft_size: tuple[int, int] | None, transform: Callable[[PILImage.Image], torch.Tensor] | None
+) -> DecodeOutcome:
     if key is None:
         return ImageDecodeError("no stored bytes for this image")
     try:
@@ -74,9 +88,10 @@ def _decode_one(store: ContentStore, key: str | None, max_pixels: int, draft_siz
     except FileNotFoundError:
         return ImageDecodeError("stored image file is missing from the image store")
     try:
-        return decode_image(data, max_pixels, draft_size=draft_size)
+        picture = decode_image(data, max_pixels, draft_size=draft_size)
     except ImageDecodeError as exc:
         return exc
+    return DecodedImage(picture, transform(picture) if transform is not None else None)
 
 
 def decoded_batches(
@@ -86,19 +101,27 @@ def decoded_batches(
     max_pixels: int,
     workers: int,
     draft_size: tuple[int, int] | None = None,
+    transform: Callable[[PILImage.Image], torch.Tensor] | None = None,
 ) -> Iterator[list[tuple[Image, DecodeOutcome]]]:
-    """Yield batches of (image row, decoded picture or error), decoding the next batch ahead."""
+    """Yield batches of (image row, decoded image or error), working ahead in threads.
+
+    Decoding and, with ``transform``, preprocessing run in the thread pool (PIL and torch release
+    the GIL), so they overlap the model's forward pass on the previous batch.
+    """
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
 
         def submit(batch: Sequence[Image]) -> list[tuple[Image, Future[DecodeOutcome]]]:
-            return [(row, pool.submit(_decode_one, store, row.storage_key, max_pixels, draft_size)) for row in batch]
+            return [(row, pool.submit(_decode_one, store, row.storage_key, max_pixels, draft_size, transform)) for row in batch]
 
-        pending = submit(batches[0]) if batches else []
+        # Two batches in flight: the pool keeps decoding while the caller runs the model on one
+        # batch and writes the previous one's results to the database.
+        pending = deque(submit(batch) for batch in batches[:LOOKAHEAD_BATCHES])
         for index in range(len(batches)):
-            following = submit(batches[index + 1]) if index + 1 < len(batches) else []
-            yield [(row, future.result()) for row, future in pending]
-            pending = following
+            current = pending.popleft()
+            if index + LOOKAHEAD_BATCHES < len(batches):
+                pending.append(submit(batches[index + LOOKAHEAD_BATCHES]))
+            yield [(row, future.result()) for row, future in current]
 
 
 def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, study_id: int, image_ids: Sequence[int]) -> ChunkReport:
@@ -129,20 +152,22 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
         decode_workers = max(1, min(8, os.cpu_count() or 1))
         with db.transaction() as session:
             rows = list(session.scalars(select(Image).where(Image.id.in_(work_ids)).order_by(Image.id)))
-            batches = decoded_batches(rows, image_store(settings), settings.batch_size, settings.max_image_pixels, decode_workers, draft)
+            batches = decoded_batches(
+                rows, image_store(settings), settings.batch_size, settings.max_image_pixels, decode_workers, draft, predictor.transform
+            )
             while True:
                 clock = time.perf_counter()
                 batch = next(batches, None)
                 report.seconds["decode_wait"] += time.perf_counter() - clock
                 if batch is None:
                     break
-                good = [(row, picture) for row, picture in batch if not isinstance(picture, ImageDecodeError)]
+                good = [(row, decoded) for row, decoded in batch if isinstance(decoded, DecodedImage)]
                 for row, picture in batch:
                     if isinstance(picture, ImageDecodeError):
                         fail_image(row, str(picture))
                         report.failed += 1
                 clock = time.perf_counter()
-                results = predictor.predict_images([picture for _, picture in good]) if good else []
+                results = predictor.predict_preprocessed([decoded.tensor for _, decoded in good]) if good else []
                 report.seconds["model"] += time.perf_counter() - clock
                 clock = time.perf_counter()
                 save_predictions(session, spec.version_id, [(row, result) for (row, _), result in zip(good, results)])
@@ -150,7 +175,7 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
                 report.seconds["database"] += time.perf_counter() - clock
                 report.predicted += len(results)
                 # Heat maps (Grad-CAM) for this batch's flagged images only, after their predictions are saved.
-                flagged = [(row, picture) for (row, picture), result in zip(good, results) if result.flagged]
+                flagged = [(row, decoded.picture) for (row, decoded), result in zip(good, results) if result.flagged]
                 if flagged:
                     store_heatmaps(session, settings, predictor, spec.version_id, flagged)
     clock = time.perf_counter()

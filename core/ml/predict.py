@@ -123,9 +123,13 @@ class Predictor:
 
     def predict_images(self, images: list[Image.Image]) -> list[PredictionResult]:
         """Classify decoded images; one result per image, flags from the version's threshold."""
-        if not images:
+        return self.predict_preprocessed([self.transform(image) for image in images])
+
+    def predict_preprocessed(self, tensors: list[torch.Tensor]) -> list[PredictionResult]:
+        """Classify images already passed through :attr:`transform` (e.g. in decode threads)."""
+        if not tensors:
             return []
-        probabilities = self.predict_tensor(self.preprocess(images))
+        probabilities = self.predict_tensor(torch.stack(tensors))
         return [flag_result(row, self.spec.labels, self.spec.threshold) for row in probabilities]
 
 

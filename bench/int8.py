@@ -1,0 +1,59 @@
+"""int8 vs fp32 label agreement of a trained, registered model version on xrays/test.
+
+    TRIAGE_DATA_DIR=... .venv/bin/python -m bench.int8 --version ID [--calibration-count 128]
+
+Builds the version's int8 ONNX runtime calibrated on ../shared/data/xrays/val (as
+`triage model quantize` does) and compares its labels with the torch fp32 model on every test image.
+Speed is measured end to end by `bench.e2e --runtime onnx-int8`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from bench.common import SHARED_XRAYS, git_revision, machine_line
+from core import registry
+from core.config import get_settings
+from core.db import Database
+from core.imaging import decode_image
+from core.ml.onnx_runtime import calibration_images, quantize_int8
+from core.ml.predict import load_predictor
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", type=int, required=True)
+    parser.add_argument("--calibration-count", type=int, default=128)
+    args = parser.parse_args(argv)
+    print(f"machine: {machine_line()}; commit {git_revision()}")
+    settings = get_settings()
+    with Database(settings).transaction() as session:
+        spec = registry.ModelSpec.from_version(registry.get_version(session, args.version))
+    quantize_int8(settings, spec, calibration_images(SHARED_XRAYS / "val", args.calibration_count))
+    fp32 = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
+    int8 = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))
+    files = sorted((SHARED_XRAYS / "test").glob("*/*.jpg"))
+    truth = np.array([spec.labels.index(p.parent.name) if p.parent.name in spec.labels else -1 for p in files])
+    labels = {"fp32": [], "int8": []}
+    seconds = {"fp32": 0.0, "int8": 0.0}
+    for start in range(0, len(files), 32):
+        batch = fp32.preprocess([decode_image(p.read_bytes(), 10**9) for p in files[start : start + 32]])
+        for name, predictor in (("fp32", fp32), ("int8", int8)):
+            clock = time.perf_counter()
+            labels[name].append(predictor.predict_tensor(batch).argmax(1))
+            seconds[name] += time.perf_counter() - clock
+    a, b = np.concatenate(labels["fp32"]), np.concatenate(labels["int8"])
+    print(f"version #{spec.version_id} {spec.architecture}: int8 vs fp32 label agreement on xrays/test ({len(files)} images): {(a == b).mean():.2%}")
+    if (truth >= 0).all():
+        print(f"accuracy fp32 {(a == truth).mean():.2%}, int8 {(b == truth).mean():.2%}")
+    print(f"model-only time: fp32 {seconds['fp32']:.1f} s, int8 {seconds['int8']:.1f} s ({seconds['fp32'] / seconds['int8']:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
