@@ -11,11 +11,15 @@ Two levels of checking:
 from __future__ import annotations
 
 import io
+import logging
+import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 # Our own pixel limit (Settings.max_image_pixels) is checked from the header before decoding.
 Image.MAX_IMAGE_PIXELS = None
@@ -69,18 +73,22 @@ def _open_pil(data: bytes) -> Image.Image:
 def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
     """Check an upload from its header alone: a supported format within the pixel limit.
 
+    DICOM files are recognised by the ``DICM`` preamble whatever their name, and checked with
+    :func:`dicom_problem` (no pixel data, non-image object, multi-frame, truncated, no decoder).
+
     Raises:
         ImageDecodeError: empty file, unknown format, or too many pixels.
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     if is_dicom(data):
-        dataset = _read_dicom(data, pixels=False)
-        rows, cols = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-        if "PixelData" not in dataset and not (rows and cols):
-            raise ImageDecodeError("DICOM object has no pixel data (not an image)")
-        _check_pixels(cols, rows, max_pixels)
-        return ImageInfo("dicom", cols, rows)
+        # The whole file is parsed (pixels stay encoded): missing or truncated pixel data, non-image
+        # objects, multi-frame files and missing decoders are refused at upload, not in the worker.
+        dataset = _read_dicom(data, pixels=True)
+        problem = dicom_problem(dataset, max_pixels)
+        if problem:
+            raise ImageDecodeError(problem)
+        return ImageInfo("dicom", int(dataset.Columns), int(dataset.Rows))
     image = _open_pil(data)
     _check_pixels(image.width, image.height, max_pixels)
     return ImageInfo(PIL_FORMATS[image.format], image.width, image.height)
@@ -135,38 +143,116 @@ def _array_to_rgb(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
+# SOP classes that are never images, named in the refusal (the rest say "has no pixel data").
+_NON_IMAGE_HINTS = ("SR Storage", "Presentation State", "Key Object", "Directory", "Encapsulated", "Waveform", "Report")
+
+
 def _read_dicom(data: bytes, pixels: bool):  # type: ignore[no-untyped-def]
+    """Parse a DICOM Part 10 file; a file that ends early fails as truncated, not silently shortened."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise ImageDecodeError(f"corrupt or truncated DICOM file: {exc}") from None
+    for warning in caught:
+        text = str(warning.message)
+        if "End of file reached" in text or "unexpected end" in text.lower():
+            raise ImageDecodeError(f"truncated DICOM file: {text}")
+        log.debug("pydicom: %s", text)
+    return dataset
+
+
+def _sop_class_name(dataset) -> str:  # type: ignore[no-untyped-def]
+    uid = dataset.get("SOPClassUID") or dataset.file_meta.get("MediaStorageSOPClassUID")
+    if not uid:
+        return "DICOM object"
+    name = getattr(uid, "name", str(uid))
+    return name if name != str(uid) else f"DICOM object of SOP class {uid}"
+
+
+def _expected_native_bytes(dataset) -> int:  # type: ignore[no-untyped-def]
+    rows, cols = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    bits = int(dataset.get("BitsAllocated", 8) or 8)
+    total_bits = rows * cols * samples * frames * bits
+    if str(dataset.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+        total_bits = total_bits * 2 // 3
+    return (total_bits + 7) // 8
+
+
+def dicom_problem(dataset, max_pixels: int) -> str | None:  # type: ignore[no-untyped-def]
+    """Why a parsed DICOM dataset (read with its pixel data) cannot be classified, or ``None``.
+
+    Covers non-image objects (structured reports, presentation states, DICOMDIR, ...), missing
+    pixel data, multi-frame objects, the pixel limit, missing decoders and truncated native pixel data.
+    """
+    from pydicom.pixels import get_decoder
+
+    sop_name = _sop_class_name(dataset)
+    if "PixelData" not in dataset:
+        if any(hint in sop_name for hint in _NON_IMAGE_HINTS):
+            return f"DICOM {sop_name} object is not an image (no pixel data): skipped"
+        return f"DICOM object ({sop_name}) has no pixel data (not an image): skipped"
+    rows, cols = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        return f"multi-frame DICOM ({frames} frames) is not supported: one radiograph per file"
+    try:
+        _check_pixels(cols, rows, max_pixels)
+    except ImageDecodeError as exc:
+        return f"DICOM {exc}"
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax is None:
+        return "DICOM file has no transfer syntax in its file meta information"
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return f"DICOM transfer syntax {syntax.name} is not supported"
+    if not decoder.is_available:
+        return f"no decoder installed for DICOM transfer syntax {syntax.name}"
+    if not syntax.is_compressed:
+        expected, actual = _expected_native_bytes(dataset), len(dataset.PixelData)
+        if actual < expected:
+            return f"truncated DICOM file: pixel data has {actual:,} of {expected:,} bytes"
+    return None
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
-    """DICOM to display pixels: modality rescale, VOI LUT / window, MONOCHROME1 inverted."""
+    """DICOM to display pixels: modality rescale, VOI LUT or window, MONOCHROME1 inverted (bone bright).
+
+    Without a VOI LUT or window the full range of the stored values is mapped linearly to 0-255,
+    so 10-16-bit data keeps its brightest (bone) values instead of being clipped.
+    """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     dataset = _read_dicom(data, pixels=True)
-    if "PixelData" not in dataset:
-        raise ImageDecodeError("DICOM object has no pixel data (not an image)")
-    _check_pixels(int(dataset.get("Columns", 0)), int(dataset.get("Rows", 0)), max_pixels)
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageDecodeError("multi-frame DICOM is not supported (one radiograph per file)")
+    problem = dicom_problem(dataset, max_pixels)
+    if problem:
+        raise ImageDecodeError(problem)
     try:
         array = dataset.pixel_array
     except Exception as exc:  # decoder plug-ins raise many types; report which one failed
-        raise ImageDecodeError(f"cannot decode DICOM pixel data ({dataset.file_meta.TransferSyntaxUID.name}): {exc}") from None
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+        raise ImageDecodeError(
+            f"cannot decode DICOM pixel data ({dataset.file_meta.TransferSyntaxUID.name}): corrupt or truncated ({exc})"
+        ) from None
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric.startswith("MONOCHROME"):
-        values = apply_modality_lut(array, dataset)
-        values = apply_voi_lut(values, dataset, prefer_lut=True)
-        values = np.asarray(values, dtype=np.float32)
-        if photometric == "MONOCHROME1":
+        values = np.asarray(apply_modality_lut(array, dataset), dtype=np.float64)
+        if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
+            values = np.asarray(apply_voi_lut(values, dataset, prefer_lut=True), dtype=np.float64)
+        inverse = photometric == "MONOCHROME1"
+        if str(dataset.get("PresentationLUTShape", "")).strip() == "INVERSE":
+            inverse = not inverse
+        if inverse:
             values = values.max() - values + values.min()
         return _array_to_rgb(values)
     if array.ndim == 3 and array.shape[-1] == 3:
-        return Image.fromarray(np.asarray(array, dtype=np.uint8), mode="RGB")
+        if array.dtype != np.uint8:
+            return _array_to_rgb(np.asarray(array, dtype=np.float64).mean(axis=-1))
+        return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
     raise ImageDecodeError(f"unsupported DICOM photometric interpretation {photometric}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    Date,
     DateTime,
     Enum,
     Float,
@@ -152,6 +153,11 @@ class Study(Base):
     rerun_of_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # DICOM studies only (an upload is split by StudyInstanceUID); no patient identifiers are kept.
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    modality: Mapped[str | None] = mapped_column(String(64))
+    body_part: Mapped[str | None] = mapped_column(String(200))
+    study_date: Mapped[date | None] = mapped_column(Date)
 
     model_version: Mapped[ModelVersion] = relationship()
     images: Mapped[list[Image]] = relationship(back_populates="study", order_by="Image.id")
@@ -174,6 +180,17 @@ class Image(Base):
     status: Mapped[ImageStatus] = mapped_column(_enum(ImageStatus, "image_status"), default=ImageStatus.QUEUED)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # From the DICOM header when the upload is DICOM: what a reviewer and a PACS need, nothing that
+    # identifies the patient. ``patient_key`` is a keyed hash (core.dicom.patient_key) for matching.
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    photometric: Mapped[str | None] = mapped_column(String(16))
+    bits_stored: Mapped[int | None] = mapped_column(Integer)
+    patient_key: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

@@ -16,6 +16,9 @@ from sqlalchemy.orm import Session, selectinload
 from core.models import Image, ImageStatus, ModelVersion, Study
 from core.studies import create_study, finish_study_if_complete, study_prediction
 
+DICOM_COLUMNS = ("sop_class_uid", "sop_instance_uid", "series_instance_uid", "study_instance_uid", "modality",
+                 "body_part", "photometric", "bits_stored", "patient_key")
+
 
 @dataclass
 class Rerun:
@@ -46,9 +49,12 @@ def rerun_study(session: Session, original: Study, version: ModelVersion, create
         raise ValueError(f"study #{root.id} has no stored images to re-run")
     study = create_study(session, f"{root.name} (re-run with model #{version.id})", version, created_by_id)
     study.rerun_of_id = root.id
+    study.study_instance_uid, study.modality = root.study_instance_uid, root.modality
+    study.body_part, study.study_date = root.body_part, root.study_date
     copies = [
         Image(study_id=study.id, filename=image.filename, sha256=image.sha256, storage_key=image.storage_key,
-              size_bytes=image.size_bytes, width=image.width, height=image.height, status=ImageStatus.QUEUED)
+              size_bytes=image.size_bytes, width=image.width, height=image.height, status=ImageStatus.QUEUED,
+              **{column: getattr(image, column) for column in DICOM_COLUMNS})
         for image in sources
     ]
     session.add_all(copies)

@@ -12,7 +12,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core.config import Settings
-from core.imaging import ImageDecodeError, inspect_image
+from core.dicom import DicomMetadata, UploadGroup, read_metadata
+from core.imaging import ImageDecodeError, inspect_image, is_dicom
 from core.models import Image, ImageStatus, ModelVersion, Prediction, Review, Study, StudyStatus, utcnow
 from core.storage import ContentStore
 
@@ -35,14 +36,45 @@ def create_study(session: Session, name: str, model_version: ModelVersion, creat
     return study
 
 
-def add_upload(session: Session, settings: Settings, study: Study, filename: str, data: bytes) -> Image:
+def create_dicom_study(
+    session: Session, name: str, model_version: ModelVersion, group: UploadGroup, created_by_id: int | None = None
+) -> Study:
+    """A new, empty study for one group of an upload, with the group's DICOM study attributes."""
+    study = create_study(session, name, model_version, created_by_id=created_by_id)
+    study.study_instance_uid = group.study_instance_uid
+    study.modality, study.body_part, study.study_date = group.modality, group.body_part, group.study_date
+    session.flush()
+    return study
+
+
+def _apply_dicom_metadata(image: Image, metadata: DicomMetadata) -> None:
+    image.sop_class_uid = metadata.sop_class_uid
+    image.sop_instance_uid = metadata.sop_instance_uid
+    image.series_instance_uid = metadata.series_instance_uid
+    image.study_instance_uid = metadata.study_instance_uid
+    image.modality = metadata.modality
+    image.body_part = metadata.body_part
+    image.photometric = metadata.photometric
+    image.bits_stored = metadata.bits_stored
+    image.patient_key = metadata.patient_key
+
+
+def add_upload(
+    session: Session, settings: Settings, study: Study, filename: str, data: bytes, metadata: DicomMetadata | None = None
+) -> Image:
     """Check one uploaded file and record it in ``study``.
 
     A usable image is stored by content hash and queued; anything else is recorded as a failed
-    image with a message saying why, so the user sees every file they sent.
+    image with a message saying why, so the user sees every file they sent. For a DICOM file the
+    header's UIDs, modality and body part are recorded (``metadata``, read here when not given),
+    with a keyed hash of the patient identifier; the stored bytes are the original file.
     """
     display_name = (filename or "unnamed").replace("\x00", "")[-500:]
     image = Image(study_id=study.id, filename=display_name, size_bytes=len(data))
+    if metadata is None and is_dicom(data):
+        metadata = read_metadata(data, settings.secret_key)
+    if metadata is not None:
+        _apply_dicom_metadata(image, metadata)
     max_bytes = settings.max_file_mb * 1024 * 1024
     try:
         if len(data) > max_bytes:
