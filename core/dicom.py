@@ -138,15 +138,20 @@ class UploadGroup:
     study_instance_uid: str | None
     files: list[tuple[str, bytes, DicomMetadata | None]] = field(default_factory=list)
 
+    def _headers(self) -> list[DicomMetadata]:
+        """Headers of the group's images (those with a photometric interpretation), else of every DICOM file."""
+        headers = [m for _, _, m in self.files if m is not None]
+        return [m for m in headers if m.photometric] or headers
+
     @property
     def modality(self) -> str | None:
-        """Distinct modalities of the group's files, comma-separated."""
-        return _short(", ".join(sorted({m.modality for _, _, m in self.files if m and m.modality})), 64)
+        """Distinct modalities of the group's images (an SR or presentation state beside them does not count)."""
+        return _short(", ".join(sorted({m.modality for m in self._headers() if m.modality})), 64)
 
     @property
     def body_part(self) -> str | None:
-        """Distinct body parts examined, comma-separated."""
-        return _short(", ".join(sorted({m.body_part for _, _, m in self.files if m and m.body_part})), 200)
+        """Distinct body parts examined of the group's images, comma-separated."""
+        return _short(", ".join(sorted({m.body_part for m in self._headers() if m.body_part})), 200)
 
     @property
     def study_date(self) -> date | None:

@@ -16,8 +16,8 @@ from core.reviewing import count_flagged_cases, flagged_cases, humanize_seconds,
 from core.studies import record_review
 from portal import extensions, openapi, presenters
 from portal.auth import record, require
-from portal.studies import export_response
-from portal.uploads import UploadError, collect_files, require_production_model, submit_study
+from portal.studies import export_response, report_response
+from portal.uploads import SubmittedStudy, UploadError, collect_files, require_production_model, submit_studies
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -46,19 +46,28 @@ def openapi_document():  # type: ignore[no-untyped-def]
 @bp.post("/studies")
 @require("upload")
 def create_study():  # type: ignore[no-untyped-def]
-    """Create a study from multipart `files` and/or an `archive` zip and queue its images."""
+    """Create studies from multipart `files` and/or an `archive` zip (one per DICOM study) and queue their images.
+
+    The top-level fields describe the first study of the upload; `studies` lists every study created.
+    """
     session, settings = extensions.db_session(), extensions.settings()
     version = require_production_model(session)
     files = collect_files(request.files.getlist("files"), request.files.get("archive"), settings.max_upload_mb * 1024 * 1024)
-    submitted = submit_study(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version,
-                             created_by_id=current_user.id)
-    body = presenters.study_dict(session, submitted.study)
-    body["tasks"] = submitted.tasks
+    submitted = submit_studies(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version,
+                               created_by_id=current_user.id)
+    studies = [_created_study(session, item) for item in submitted]
+    body = {**studies[0], "studies": studies}
+    return jsonify(body), 201, {"Location": body["status_url"]}
+
+
+def _created_study(session, item: SubmittedStudy) -> dict:  # type: ignore[no-untyped-def]
+    body = presenters.study_dict(session, item.study)
+    body["tasks"] = item.tasks
     body["files"] = [
         {"id": image.id, "filename": image.filename, "status": image.status.value, "error": image.error}
-        for image in submitted.images
+        for image in item.images
     ]
-    return jsonify(body), 201, {"Location": body["status_url"]}
+    return body
 
 
 @bp.get("/studies")
@@ -99,6 +108,13 @@ def export_study(study_id: int):  # type: ignore[no-untyped-def]
     if fmt not in ("csv", "json"):
         abort(400, "format must be csv or json")
     return export_response(_get_study(study_id), fmt)
+
+
+@bp.get("/studies/<int:study_id>/sr.dcm")
+@require("export")
+def study_report(study_id: int):  # type: ignore[no-untyped-def]
+    """Download the study's results as a DICOM Structured Report (for a PACS; not a diagnosis)."""
+    return report_response(_get_study(study_id))
 
 
 @bp.get("/review-queue")

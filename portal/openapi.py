@@ -60,6 +60,9 @@ SCHEMAS: dict[str, Any] = {
             "created_at": STRING, "finished_at": _nullable(STRING), "rerun_of_id": _nullable(INTEGER),
             "model_version": _ref("ModelSummary"), "counts": _ref("Counts"),
             "status_url": STRING, "results_url": STRING, "page_url": STRING,
+            "study_instance_uid": _nullable(STRING), "modality": _nullable(STRING), "body_part": _nullable(STRING),
+            "study_date": _nullable({"type": "string", "format": "date"}),
+            "sr_url": _nullable({"type": "string", "description": "DICOM Structured Report download (DICOM studies)"}),
         },
     },
     "Probabilities": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1}},
@@ -72,16 +75,27 @@ SCHEMAS: dict[str, Any] = {
             "flagged": _nullable(BOOLEAN), "flag_reason": _nullable(STRING), "model_version_id": _nullable(INTEGER),
             "review": _nullable({"type": "object", "properties": {"label": STRING, "reviewer": STRING, "created_at": STRING}}),
             "file_url": _nullable(STRING),
+            "sop_instance_uid": _nullable(STRING), "sop_class_uid": _nullable(STRING),
+            "series_instance_uid": _nullable(STRING), "study_instance_uid": _nullable(STRING),
+            "modality": _nullable(STRING), "body_part": _nullable(STRING),
         },
     },
     "StudyResults": {"allOf": [_ref("Study"), {"type": "object", "required": ["images"],
                                                "properties": {"images": {"type": "array", "items": _ref("ImageResult")}}}]},
-    "CreatedStudy": {"allOf": [_ref("Study"), {
+    "StudyInUpload": {"allOf": [_ref("Study"), {
         "type": "object", "required": ["tasks", "files"],
         "properties": {"tasks": INTEGER, "files": {"type": "array", "items": {
             "type": "object", "required": ["id", "filename", "status"],
             "properties": {"id": INTEGER, "filename": STRING, "status": STRING, "error": _nullable(STRING)}}}},
     }]},
+    "CreatedStudy": {
+        "description": "The first study of the upload, plus `studies`: every study created (DICOM files are grouped "
+                       "by StudyInstanceUID; other files make one study).",
+        "allOf": [_ref("StudyInUpload"), {
+            "type": "object", "required": ["studies"],
+            "properties": {"studies": {"type": "array", "minItems": 1, "items": _ref("StudyInUpload")}},
+        }],
+    },
     "Case": {
         "type": "object",
         "required": ["image_id", "study_id", "filename", "label", "confidence", "probabilities", "labels", "waiting_seconds"],
@@ -160,6 +174,14 @@ def document() -> dict[str, Any]:
                 "responses": {"200": {"description": "The export", "content": {
                     "application/json": {"schema": {"type": "object", "required": ["study", "images"]}},
                     "text/csv": {"schema": {"type": "string"}}}}, **_errors(400, 401, 403, 404)},
+            }},
+            "/api/studies/{study_id}/sr.dcm": {"get": {
+                "operationId": "studyReport",
+                "summary": "Download the study's results as a DICOM Structured Report (Comprehensive SR; for review, not a diagnosis)",
+                "parameters": [study_id],
+                "responses": {"200": {"description": "The report (DICOM Part 10 file)", "content": {
+                    "application/dicom": {"schema": {"type": "string", "format": "binary"}}}},
+                    **_errors(401, 403, 404, 409)},
             }},
             "/api/review-queue": {"get": {
                 "operationId": "reviewQueue", "summary": "Flagged, unreviewed images, oldest first",

@@ -59,9 +59,14 @@ def study_dict(session: Session, study: Study) -> dict[str, Any]:
         "finished_at": iso(study.finished_at),
         "model_version": model_summary(study.model_version),
         "counts": study_counts(session, study.id),
+        "study_instance_uid": study.study_instance_uid,
+        "modality": study.modality,
+        "body_part": study.body_part,
+        "study_date": study.study_date.isoformat() if study.study_date else None,
         "status_url": url_for("api.study_status", study_id=study.id),
         "results_url": url_for("api.study_results", study_id=study.id),
         "page_url": url_for("studies.study_page", study_id=study.id),
+        "sr_url": url_for("api.study_report", study_id=study.id) if study.study_instance_uid else None,
     }
 
 
@@ -99,6 +104,12 @@ def image_result(image: Image, model_version_id: int) -> dict[str, Any]:
         if review
         else None,
         "file_url": url_for("studies.image_file", image_id=image.id) if image.storage_key else None,
+        "sop_instance_uid": image.sop_instance_uid,
+        "sop_class_uid": image.sop_class_uid,
+        "series_instance_uid": image.series_instance_uid,
+        "study_instance_uid": image.study_instance_uid,
+        "modality": image.modality,
+        "body_part": image.body_part,
     }
 
 

@@ -13,13 +13,14 @@ from sqlalchemy import select
 
 from core import registry
 from core.artifacts import heatmap_store
-from core.models import Image, ModelVersion, Prediction, Study
+from core.dicom import ReportUnavailable, report_filename, structured_report
+from core.models import Image, ModelVersion, Prediction, Study, StudyStatus
 from core.queue import enqueue_images
 from core.reruns import comparison, rerun_study
 from core.studies import image_store, study_counts
 from portal import extensions, presenters
 from portal.auth import record, require
-from portal.uploads import UploadError, collect_files, require_production_model, submit_study
+from portal.uploads import UploadError, collect_files, require_production_model, submit_studies
 
 bp = Blueprint("studies", __name__)
 
@@ -32,7 +33,8 @@ INLINE_TYPES = (
     (b"BM", "image/bmp", ".bmp"),
 )
 CSV_FIELDS = ("image_id", "filename", "sha256", "status", "error", "label", "confidence", "flagged", "flag_reason",
-              "model_version_id", "review_label", "reviewer", "reviewed_at")
+              "model_version_id", "review_label", "reviewer", "reviewed_at", "study_instance_uid", "series_instance_uid",
+              "sop_instance_uid", "sop_class_uid", "modality", "body_part")
 
 
 def _render_index(error: str | None = None, status: int = 200) -> Any:
@@ -65,14 +67,18 @@ def upload() -> Any:
     try:
         version = require_production_model(session)
         files = collect_files(request.files.getlist("files"), request.files.get("archive"), settings.max_upload_mb * 1024 * 1024)
-        submitted = submit_study(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version,
+        created = submit_studies(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version,
                                  created_by_id=current_user.id)
     except UploadError as exc:
         session.rollback()
         return _render_index(error=exc.message, status=exc.status)
-    failed = len(submitted.images) - len(submitted.queued_ids)
-    flash(f"Study created: {len(submitted.images)} files, {len(submitted.queued_ids)} queued, {failed} refused.", "info")
-    return redirect(url_for("studies.study_page", study_id=submitted.study.id), code=303)
+    for submitted in created:
+        failed = len(submitted.images) - len(submitted.queued_ids)
+        flash(f"Study #{submitted.study.id} created: {len(submitted.images)} files, {len(submitted.queued_ids)} queued, "
+              f"{failed} refused.", "info")
+    if len(created) > 1:
+        flash(f"The upload held {len(created)} studies (DICOM files are grouped by study); this is the first.", "info")
+    return redirect(url_for("studies.study_page", study_id=created[0].study.id), code=303)
 
 
 @bp.get("/studies/<int:study_id>")
@@ -103,6 +109,9 @@ def export_rows(study: Study) -> list[dict[str, Any]]:
             "flagged": result["flagged"], "flag_reason": result["flag_reason"],
             "model_version_id": result["model_version_id"], "probabilities": result["probabilities"],
             "review_label": review.get("label"), "reviewer": review.get("reviewer"), "reviewed_at": review.get("created_at"),
+            "study_instance_uid": image.study_instance_uid, "series_instance_uid": image.series_instance_uid,
+            "sop_instance_uid": image.sop_instance_uid, "sop_class_uid": image.sop_class_uid,
+            "modality": image.modality, "body_part": image.body_part,
         })
     return rows
 
@@ -139,6 +148,28 @@ def export(study_id: int, fmt: str) -> Any:
     if fmt not in ("csv", "json"):
         abort(404, "Export formats: csv, json.")
     return export_response(get_study(study_id), fmt)
+
+
+def report_response(study: Study) -> Response:
+    """The study's DICOM Structured Report as a download (audited as an export); 409 when there is none yet."""
+    session = extensions.db_session()
+    if study.status != StudyStatus.DONE:
+        abort(409, f"Study #{study.id} is {study.status.value}: the structured report is available once every image is finished.")
+    try:
+        data = structured_report(session, extensions.settings(), study)
+    except ReportUnavailable as exc:
+        abort(409, str(exc))
+    record("export", "study", study.id, {"format": "dicom-sr", "bytes": len(data)})
+    session.commit()
+    return Response(data, mimetype="application/dicom",
+                    headers={"Content-Disposition": f'attachment; filename="{report_filename(study)}"'})
+
+
+@bp.get("/studies/<int:study_id>/sr.dcm")
+@require("export")
+def report(study_id: int) -> Any:
+    """Download a study's results as a DICOM Structured Report."""
+    return report_response(get_study(study_id))
 
 
 @bp.post("/studies/<int:study_id>/rerun")

@@ -1,8 +1,10 @@
-"""Turn an upload request (many files and/or one zip) into a study whose good images are queued.
+"""Turn an upload request (many files and/or one zip) into studies whose good images are queued.
 
-Every file goes through :func:`core.studies.add_upload`, which checks it, stores it by sha256 and
-records failures with a message. File and member names are display names only: they never reach
-the file system. Tasks are sent only after the commit that recorded the images.
+DICOM files are grouped into one study per StudyInstanceUID (:func:`core.dicom.group_files`); all
+other files of the upload make one study, as before. Every file goes through
+:func:`core.studies.add_upload`, which checks it, stores it by sha256 and records failures with a
+message. File and member names are display names only: they never reach the file system. Tasks are
+sent only after the commit that recorded the images.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from core import registry
 from core.config import Settings
 from core.models import Image, ImageStatus, ModelVersion, Study
 from core.queue import enqueue_images
-from core.studies import add_upload, create_study, finish_study_if_complete
+from core.dicom import group_files
+from core.studies import add_upload, create_dicom_study, finish_study_if_complete
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,50 @@ def collect_files(files: list[FileStorage], archive: FileStorage | None, limit_b
     return collected
 
 
+def submit_studies(
+    session: Session,
+    settings: Settings,
+    celery: Celery,
+    name: str,
+    files: list[tuple[str, bytes]],
+    model_version: ModelVersion,
+    created_by_id: int | None = None,
+) -> list[SubmittedStudy]:
+    """Record one study per DICOM study (and one for the other files), audited as uploads; commit; queue.
+
+    With several studies each name gets the study's modality, body part and date (or "other
+    files"). The studies come back in the order their first file was sent.
+    """
+    from portal.auth import record
+
+    groups = group_files(files, settings.secret_key)
+    base = name.strip()
+    submitted: list[SubmittedStudy] = []
+    for group in groups:
+        study_name = base if len(groups) == 1 else f"{base or 'Upload'} ({group.describe()})"
+        study = create_dicom_study(session, study_name, model_version, group, created_by_id=created_by_id)
+        images = [add_upload(session, settings, study, filename, data, meta) for filename, data, meta in group.files]
+        queued = [image.id for image in images if image.status == ImageStatus.QUEUED]
+        record("upload", "study", study.id, {"files": len(images), "queued": len(queued), "studies_in_upload": len(groups)})
+        if not queued:  # every file was refused: no worker will ever finish this study, so finish it now
+            finish_study_if_complete(session, study.id)
+            session.refresh(study)
+        submitted.append(SubmittedStudy(study=study, images=images, tasks=0, queued_ids=queued))
+    session.commit()
+    for item in submitted:
+        try:
+            item.tasks = enqueue_images(celery, item.study.id, item.queued_ids, settings.chunk_size)
+        except Exception as exc:  # kombu raises many types; the study is saved, the user must know
+            log.exception("study %s recorded but its %d images could not be queued", item.study.id, len(item.queued_ids))
+            raise UploadError(
+                f"Study #{item.study.id} was saved but its images could not be queued ({exc.__class__.__name__}): "
+                "check that the broker is running, then re-submit.",
+                status=503,
+            ) from exc
+        log.info("study %s: %d files, %d queued in %d tasks", item.study.id, len(item.images), len(item.queued_ids), item.tasks)
+    return submitted
+
+
 def submit_study(
     session: Session,
     settings: Settings,
@@ -156,25 +203,5 @@ def submit_study(
     model_version: ModelVersion,
     created_by_id: int | None = None,
 ) -> SubmittedStudy:
-    """Record a study with every file (audited as an upload), commit, then queue the good images in chunks."""
-    from portal.auth import record
-
-    study = create_study(session, name.strip(), model_version, created_by_id=created_by_id)
-    images = [add_upload(session, settings, study, filename, data) for filename, data in files]
-    queued = [image.id for image in images if image.status == ImageStatus.QUEUED]
-    record("upload", "study", study.id, {"files": len(images), "queued": len(queued)})
-    if not queued:  # every file was refused: no worker will ever finish this study, so finish it now
-        finish_study_if_complete(session, study.id)
-        session.refresh(study)
-    session.commit()
-    try:
-        tasks = enqueue_images(celery, study.id, queued, settings.chunk_size)
-    except Exception as exc:  # kombu raises many types; the study is saved, the user must know
-        log.exception("study %s recorded but its %d images could not be queued", study.id, len(queued))
-        raise UploadError(
-            f"Study #{study.id} was saved but its images could not be queued ({exc.__class__.__name__}): "
-            "check that the broker is running, then re-submit.",
-            status=503,
-        ) from exc
-    log.info("study %s: %d files, %d queued in %d tasks", study.id, len(images), len(queued), tasks)
-    return SubmittedStudy(study=study, images=images, tasks=tasks, queued_ids=queued)
+    """Like :func:`submit_studies`, returning only the first (main) study of the upload."""
+    return submit_studies(session, settings, celery, name, files, model_version, created_by_id)[0]

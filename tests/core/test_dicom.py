@@ -355,3 +355,47 @@ def test_images_rows_hold_no_patient_identifiers(db: Database, settings: Setting
         assert image.patient_key == patient_key(SECRET_ID, settings.secret_key)
         values = [str(getattr(image, column.name)) for column in Image.__table__.columns]
     assert not any(SECRET_ID in value or "Secretname" in value for value in values)
+
+
+# -- helpers shared with the portal and end-to-end DICOM tests -------------------------------------
+
+PHI = {"PatientName": "Quixotepatient^Esmeralda", "PatientID": "MRN-QX-99817", "PatientBirthDate": "19610203",
+       "OtherPatientIDs": "ALT-QX-55", "AccessionNumber": "ACC-QX-31337"}
+
+
+def with_identity(source: Path | bytes) -> bytes:
+    """A copy of a DICOM file whose patient fields carry the values in :data:`PHI` (original pixels)."""
+    data = source if isinstance(source, bytes) else source.read_bytes()
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    for keyword, value in PHI.items():
+        setattr(dataset, keyword, value)
+    return _bytes(dataset)
+
+
+def database_hits(url: str, needles: list[str]) -> list[str]:
+    """``table.column=value`` for every text or JSON cell of every table that contains one of ``needles``."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    hits = []
+    try:
+        with engine.connect() as connection:
+            metadata = sa.MetaData()
+            metadata.reflect(connection)
+            assert metadata.tables, "no tables reflected"
+            for table in metadata.tables.values():
+                for row in connection.execute(sa.select(table)).mappings():
+                    for column, value in row.items():
+                        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+                        hits += [f"{table.name}.{column}={text[:80]}" for needle in needles if needle.lower() in text.lower()]
+    finally:
+        engine.dispose()
+    return hits
+
+
+def test_database_scan_finds_what_it_looks_for(db: Database, settings: Settings) -> None:
+    with db.transaction() as session:
+        from core.audit import record
+
+        record(session, "upload", None, detail={"note": PHI["PatientName"]})
+    assert database_hits(settings.database_url, [PHI["PatientName"]]) != []
