@@ -74,7 +74,7 @@ SCHEMAS: dict[str, Any] = {
             "label": _nullable(STRING), "confidence": _nullable(NUMBER), "probabilities": _nullable(_ref("Probabilities")),
             "flagged": _nullable(BOOLEAN), "flag_reason": _nullable(STRING), "model_version_id": _nullable(INTEGER),
             "review": _nullable({"type": "object", "properties": {"label": STRING, "reviewer": STRING, "created_at": STRING}}),
-            "file_url": _nullable(STRING),
+            "file_url": _nullable(STRING), "preview_url": _nullable(STRING),
             "sop_instance_uid": _nullable(STRING), "sop_class_uid": _nullable(STRING),
             "series_instance_uid": _nullable(STRING), "study_instance_uid": _nullable(STRING),
             "modality": _nullable(STRING), "body_part": _nullable(STRING),
@@ -103,7 +103,7 @@ SCHEMAS: dict[str, Any] = {
             "image_id": INTEGER, "study_id": INTEGER, "study_name": STRING, "filename": STRING, "label": STRING,
             "confidence": NUMBER, "probabilities": _ref("Probabilities"), "flag_reason": _nullable(STRING),
             "labels": {"type": "array", "items": STRING}, "model_version_id": INTEGER, "flagged_at": _nullable(STRING),
-            "file_url": STRING, "review_url": STRING, "waiting_seconds": NUMBER, "waiting": STRING,
+            "file_url": STRING, "preview_url": _nullable(STRING), "review_url": STRING, "waiting_seconds": NUMBER, "waiting": STRING,
         },
     },
     "ReviewRequest": {

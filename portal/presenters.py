@@ -82,6 +82,15 @@ def study_images(session: Session, study: Study) -> list[Image]:
     )
 
 
+def preview_url(image: Image) -> str | None:
+    """Where a browser can show the image: the stored file, or a PNG rendering for DICOM."""
+    if not image.storage_key:
+        return None
+    if image.sop_class_uid or image.photometric:
+        return url_for("studies.image_preview", image_id=image.id)
+    return url_for("studies.image_file", image_id=image.id)
+
+
 def image_result(image: Image, model_version_id: int) -> dict[str, Any]:
     """One image's outcome: status or error, and the study model's prediction when there is one."""
     prediction = study_prediction(image, model_version_id)
@@ -104,6 +113,7 @@ def image_result(image: Image, model_version_id: int) -> dict[str, Any]:
         if review
         else None,
         "file_url": url_for("studies.image_file", image_id=image.id) if image.storage_key else None,
+        "preview_url": preview_url(image),
         "sop_instance_uid": image.sop_instance_uid,
         "sop_class_uid": image.sop_class_uid,
         "series_instance_uid": image.series_instance_uid,
@@ -130,5 +140,6 @@ def review_case(image: Image, prediction: Prediction) -> dict[str, Any]:
         "model_version_id": prediction.model_version_id,
         "flagged_at": iso(prediction.created_at),
         "file_url": url_for("studies.image_file", image_id=image.id),
+        "preview_url": preview_url(image),
         "review_url": url_for("api.review_image", image_id=image.id),
     }

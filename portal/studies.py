@@ -12,7 +12,8 @@ from flask_login import current_user
 from sqlalchemy import select
 
 from core import registry
-from core.artifacts import heatmap_store
+from core.artifacts import heatmap_store, preview_png
+from core.imaging import ImageDecodeError
 from core.dicom import ReportUnavailable, report_filename, structured_report
 from core.models import Image, ModelVersion, Prediction, Study, StudyStatus
 from core.queue import enqueue_images
@@ -219,6 +220,21 @@ def image_file(image_id: int) -> Any:
     return send_file(
         path, mimetype=mimetype, as_attachment=attachment, download_name=f"image-{image.id}{suffix}", max_age=3600
     )
+
+
+@bp.get("/images/<int:image_id>/preview.png")
+@require("view")
+def image_preview(image_id: int) -> Any:
+    """Serve a PNG rendering of a stored image (DICOM as the model sees it), made once and kept."""
+    image = extensions.db_session().get(Image, image_id)
+    if image is None or not image.storage_key or not image.sha256:
+        abort(404, f"Image #{image_id} has no stored file.")
+    settings = extensions.settings()
+    try:
+        path = preview_png(settings, image.sha256, image_store(settings).read(image.storage_key))
+    except (ImageDecodeError, FileNotFoundError) as exc:
+        abort(404, f"Image #{image_id} cannot be shown: {exc}")
+    return send_file(path, mimetype="image/png", max_age=3600)
 
 
 @bp.get("/predictions/<int:prediction_id>/heatmap.png")

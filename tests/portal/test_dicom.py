@@ -147,3 +147,20 @@ def test_structured_report_of_a_study_without_dicom_is_409(client: FlaskClient, 
     response = client.get(f"/api/studies/{body['id']}/sr.dcm")
     assert response.status_code == 409 and "no classified DICOM image" in response.get_json()["error"]
     assert client.get("/api/studies/999999/sr.dcm").status_code == 404
+
+
+def test_dicom_images_are_shown_as_png_renderings(client: FlaskClient, production_model: int, dicom_dir: Path) -> None:
+    from PIL import Image as PILImage
+
+    body = _upload(client, {"rg3.dcm": (dicom_dir / "RG3_J2KR.dcm").read_bytes(), "x.jpg": _jpeg()}).get_json()
+    item = client.get(f"/api/studies/{body['id']}/results").get_json()["images"][0]
+    assert item["preview_url"] == f"/images/{item['id']}/preview.png" and item["file_url"] != item["preview_url"]
+    response = client.get(item["preview_url"])
+    assert response.status_code == 200 and response.mimetype == "image/png"
+    picture = PILImage.open(io.BytesIO(response.data))
+    assert max(picture.size) == 1760 and picture.getextrema() == (0, 255)
+    assert client.get(item["preview_url"]).data == response.data  # made once, then served from the store
+    page = client.get(f"/studies/{body['id']}").get_data(as_text=True)
+    assert f'src="{item["preview_url"]}"' in page
+    jpeg = client.get(f"/api/studies/{body['studies'][1]['id']}/results").get_json()["images"][0]
+    assert jpeg["preview_url"] == jpeg["file_url"]  # browsers show JPEG as it is
