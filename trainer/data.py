@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from core.imaging import ImageDecodeError, decode_image
+from core.imaging import ImageDecodeError, decode_image, is_dicom
 from core.ml.transforms import build_transform
 from core.storage import sha256_file
 
@@ -44,9 +44,19 @@ class Sample:
     label: int
 
 
+def _looks_like_image(path: Path) -> bool:
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    # PACS exports often name files IM000001 or 1.2.840…: recognise DICOM by its preamble.
+    with open(path, "rb") as handle:
+        return is_dicom(handle.read(132))
+
+
 def image_files(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder`` (by suffix), sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files directly inside ``folder`` (by suffix, or DICOM by content), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and _looks_like_image(p))
 
 
 def class_names(data_dir: Path, split: str = "train") -> list[str]:

@@ -33,7 +33,6 @@ from trainer.calibrate import choose_threshold, fit_temperature, softmax
 from trainer.config import TrainConfig, save_config
 from trainer.data import (
     DEFAULT_MAX_PIXELS,
-    Sample,
     TrainingDataset,
     class_counts,
     class_names,

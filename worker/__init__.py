@@ -30,9 +30,9 @@ def _configure_logging(**_: object) -> None:
 @worker_process_init.connect
 def _reset_after_fork(**_: object) -> None:
     """Each forked child opens its own database connections and loads its own model."""
-    from worker import tasks
+    from worker.tasks import reset_process_state
 
-    tasks.reset_process_state()
+    reset_process_state()
 
 
 from worker import tasks  # noqa: E402,F401  (registers the tasks)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from celery import Task
 from sqlalchemy.exc import OperationalError
 from celery.utils.log import get_task_logger

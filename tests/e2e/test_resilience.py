@@ -28,10 +28,18 @@ from tests.conftest import PROJECT_ROOT, make_settings, register_tiny_model, xra
 from tests.e2e.conftest import LiveWorker, settings_env, wait_for
 
 
-def _settings(tmp_path: Path, postgres_url: str, redis_url: str, **overrides: object) -> Settings:
+def _deploy(tmp_path: Path, postgres_url: str, redis_url: str, tiny_weights: dict, **overrides: object) -> tuple[Settings, Database, int]:
+    """PostgreSQL + Redis settings, a migrated database and a promoted tiny model (its id)."""
     values: dict[str, object] = {"database_url": postgres_url, "broker_url": redis_url, "chunk_size": 4, "batch_size": 2}
     values.update(overrides)
-    return make_settings(tmp_path / "var", **values)
+    settings = make_settings(tmp_path / "var", **values)
+    upgrade(settings.database_url)
+    db = Database(settings)
+    return settings, db, register_tiny_model(db, settings, tiny_weights)
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "core.cli", *args], env=settings_env(settings), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
 
 
 def _queue_study(db: Database, settings: Settings, files: list[Path], name: str) -> tuple[int, list[int]]:
@@ -77,10 +85,8 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(
     live_worker_factory: Callable[[Settings], LiveWorker],
 ) -> None:
     # A short visibility timeout so the chunk the dead worker held is redelivered quickly.
-    settings = _settings(tmp_path, postgres_url, redis_url, visibility_timeout_s=3)
-    upgrade(settings.database_url)
-    db = Database(settings)
-    register_tiny_model(db, settings, {**tiny_weights, "preprocessing": {**tiny_weights["preprocessing"], "input_size": [3, 160, 160]}})
+    bigger = {**tiny_weights, "preprocessing": {**tiny_weights["preprocessing"], "input_size": [3, 160, 160]}}
+    settings, db, _ = _deploy(tmp_path, postgres_url, redis_url, bigger, visibility_timeout_s=3)
     files = xray_sample(xrays_dir, 160)
     study_id, ids = _queue_study(db, settings, files, "kill test")
 
@@ -107,10 +113,7 @@ def test_reconciler_recovers_a_queue_lost_by_the_broker(
     tmp_path: Path, postgres_url: str, redis_url: str, xrays_dir: Path, tiny_weights: dict,
     live_worker_factory: Callable[[Settings], LiveWorker],
 ) -> None:
-    settings = _settings(tmp_path, postgres_url, redis_url)
-    upgrade(settings.database_url)
-    db = Database(settings)
-    register_tiny_model(db, settings, tiny_weights)
+    settings, db, _ = _deploy(tmp_path, postgres_url, redis_url, tiny_weights)
     study_id, ids = _queue_study(db, settings, xray_sample(xrays_dir, 12), "lost queue")
 
     # Redis restarted without persistence: every queued message is gone.
@@ -118,11 +121,10 @@ def test_reconciler_recovers_a_queue_lost_by_the_broker(
     assert client.llen("triage") > 0
     client.flushdb()
     live_worker_factory(settings)
-    env = settings_env(settings)
 
-    young = subprocess.run([sys.executable, "-m", "core.cli", "reconcile"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    young = _cli(settings, "reconcile")
     assert young.returncode == 0 and "nothing to re-enqueue" in young.stdout, young.stderr
-    result = subprocess.run([sys.executable, "-m", "core.cli", "reconcile", "--older-than", "0"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    result = _cli(settings, "reconcile", "--older-than", "0")
     assert result.returncode == 0, result.stderr
     assert f"re-enqueued {len(ids)} image(s) in 1 study(ies)" in result.stdout
 
@@ -141,10 +143,7 @@ def test_promotion_reaches_running_workers_and_studies_keep_their_version(
 
     from core.ml.modelio import create_model, save_weights
 
-    settings = _settings(tmp_path, postgres_url, redis_url)
-    upgrade(settings.database_url)
-    db = Database(settings)
-    first = register_tiny_model(db, settings, tiny_weights)
+    settings, db, first = _deploy(tmp_path, postgres_url, redis_url, tiny_weights)
     torch.manual_seed(7)
     other = save_weights(create_model(tiny_weights["architecture"], num_classes=2), tmp_path / "second.safetensors")
     second = register_tiny_model(db, settings, {**tiny_weights, "weights_file": other}, promote=False)

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from core.config import Settings
 from core.db import Database
-from core.models import Image, ImageStatus, Study
+from core.models import Image, Study
 from core.queue import CLASSIFY_CHUNK_TASK
 from core.storage import sha256_bytes
 from portal import create_app

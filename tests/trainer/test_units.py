@@ -142,3 +142,14 @@ def test_unreachable_hub_gives_one_line_error(monkeypatch: pytest.MonkeyPatch, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "--pretrained none" in err[0] and "Traceback" not in err[0]
+
+
+def test_dicom_without_a_suffix_is_found_by_content(tmp_path: Path, dicom_dir: Path) -> None:
+    from trainer.data import image_files
+
+    folder = tmp_path / "train" / "no_fracture"
+    folder.mkdir(parents=True)
+    (folder / "IM000001").write_bytes((dicom_dir / "RG3_UNCR.dcm").read_bytes())
+    (folder / "notes").write_bytes(b"not an image")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert [p.name for p in image_files(folder)] == ["IM000001"]

@@ -16,7 +16,7 @@ from core.imaging import decode_image
 from core.ml.onnx_runtime import OnnxPredictor, RuntimeUnavailable, runtime_path
 from core.ml.pipeline import PredictorCache
 from core.ml.predict import Predictor, load_predictor
-from tests.conftest import PROJECT_ROOT, make_settings, register_tiny_model, xray_sample
+from tests.conftest import PROJECT_ROOT, register_tiny_model, xray_sample
 from tests.e2e.conftest import settings_env
 
 
