@@ -95,3 +95,35 @@ def test_image_that_keeps_killing_the_worker_is_failed_after_bounded_attempts(
         assert poison.status == ImageStatus.FAILED
         assert "gave up after" in poison.error
         assert not poison.predictions
+
+
+def test_worker_probabilities_equal_the_simple_one_image_path(
+    db: Database, settings: Settings, production_model: int, tiny_weights: dict, xrays_dir: Path
+) -> None:
+    """Threads, batching and bulk writes change nothing: same numbers as PIL -> transform -> model."""
+    import torch
+    from PIL import Image as PILImage
+    from torchvision import transforms
+
+    from core.ml.modelio import create_model, load_state_dict_file, load_weights
+
+    paths = xray_sample(xrays_dir, 10)
+    study_id, ids = _study_with_files(db, settings, {p.name: p.read_bytes() for p in paths})
+    classify_chunk(db, settings, PredictorCache(settings), study_id, ids)
+
+    model = load_weights(create_model(tiny_weights["architecture"], 2), load_state_dict_file(tiny_weights["weights_file"])).eval()
+    size = tiny_weights["preprocessing"]["input_size"][1:]
+    simple = transforms.Compose([
+        transforms.Resize(tuple(size)),
+        transforms.ToTensor(),
+        transforms.Normalize(tiny_weights["preprocessing"]["mean"], tiny_weights["preprocessing"]["std"]),
+    ])
+    by_name = {path.name: path for path in paths}
+    with db.transaction() as session:
+        for image in session.scalars(select(Image).where(Image.id.in_(ids))):
+            picture = PILImage.open(by_name[image.filename]).convert("RGB")
+            with torch.inference_mode():
+                expected = torch.softmax(model(simple(picture).unsqueeze(0)), dim=1)[0].numpy()
+            (prediction,) = image.predictions
+            got = [prediction.probabilities[label] for label in tiny_weights["labels"]]
+            assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-4
