@@ -66,16 +66,22 @@ def _case_context(session: Session, image: Image) -> dict[str, Any]:
     return case
 
 
-@bp.get("/review/<int:image_id>")
-@require("review")
-def case(image_id: int) -> Any:
-    """The viewer: the image large (zoom, pan, window/level), probabilities, heat map, one-key labels."""
-    session = extensions.db_session()
+def _classified_image(session: Any, image_id: int) -> Image:
+    """The image, or 404 when unknown and 409 when it has no classification to review."""
     image = session.get(Image, image_id)
     if image is None:
         abort(404, f"Image #{image_id} not found.")
     if image.status != ImageStatus.DONE:
         abort(409, f"Image #{image_id} is {image.status.value}; only classified images can be reviewed.")
+    return image
+
+
+@bp.get("/review/<int:image_id>")
+@require("review")
+def case(image_id: int) -> Any:
+    """The viewer: the image large (zoom, pan, window/level), probabilities, heat map, one-key labels."""
+    session = extensions.db_session()
+    image = _classified_image(session, image_id)
     context = _case_context(session, image)
     record("view", "image", image.id)
     session.commit()
@@ -90,11 +96,7 @@ def case(image_id: int) -> Any:
 def submit(image_id: int) -> Any:
     """Record the reviewer's label (and optional note), then open the next case."""
     session = extensions.db_session()
-    image = session.get(Image, image_id)
-    if image is None:
-        abort(404, f"Image #{image_id} not found.")
-    if image.status != ImageStatus.DONE:
-        abort(409, f"Image #{image_id} is {image.status.value}; there is nothing to review.")
+    image = _classified_image(session, image_id)
     if image.reviews and not current_user.can("rereview"):
         abort(409, f"Image #{image_id} was already reviewed; only an admin can review it again.")
     note = (request.form.get("note") or "").strip()[:2000] or None

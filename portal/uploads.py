@@ -187,7 +187,7 @@ def submit_studies(
             log.exception("study %s recorded but its %d images could not be queued", item.study.id, len(item.queued_ids))
             raise UploadError(
                 f"Study #{item.study.id} was saved but its images could not be queued ({exc.__class__.__name__}): "
-                "check that the broker is running, then re-submit.",
+                "nothing is lost: the reconciler queues them once the broker is back (or run `triage reconcile`).",
                 status=503,
             ) from exc
         log.info("study %s: %d files, %d queued in %d tasks", item.study.id, len(item.images), len(item.queued_ids), item.tasks)
