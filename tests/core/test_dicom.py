@@ -26,6 +26,7 @@ from core.dicom import ReportUnavailable, group_files, patient_key, read_metadat
 from core.imaging import ImageDecodeError, decode_image, inspect_image
 from core.models import Image, ImageStatus, Study
 from core.studies import add_upload, create_dicom_study, create_study, save_predictions
+from tests.conftest import service_missing
 
 MAX_PIXELS = 10_000_000
 SECRET_NAME = "Secretname^Jane^Q"
@@ -275,7 +276,7 @@ def dciodvfy_errors(data: bytes, tmp_path: Path) -> list[str]:
     """The error lines dciodvfy reports for a DICOM file (skips when dicom3tools is not installed)."""
     tool = shutil.which("dciodvfy")
     if tool is None:
-        pytest.skip("dciodvfy not installed (apt-get install dicom3tools; .ci/browser installs it in CI)")
+        service_missing("dciodvfy not installed (apt-get install dicom3tools; .ci/system-packages installs it in CI)")
     path = tmp_path / "report.dcm"
     path.write_bytes(data)
     run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)

@@ -1,6 +1,6 @@
 """A person in a real browser: sign in, upload a folder, watch progress finish, review a flagged case.
 
-Playwright drives Debian's Chromium (/usr/bin/chromium; `.ci/browser` installs it) against a live
+Playwright drives Debian's Chromium (/usr/bin/chromium; `.ci/system-packages` installs it) against a live
 portal (werkzeug in a thread) and a real celery worker on the embedded SQLite + filesystem broker.
 Screenshots go to the test's temporary folder (or $TRIAGE_SCREENSHOTS), never into the repository.
 """
@@ -33,8 +33,8 @@ def browser() -> Iterator[object]:
     """Headless Debian Chromium via Playwright."""
     if not CHROMIUM.exists():
         if IN_CI:
-            pytest.fail("/usr/bin/chromium missing: .ci/browser installs it")
-        pytest.skip("Chromium not found at /usr/bin/chromium; run .ci/browser (apt-get install chromium)")
+            pytest.fail("/usr/bin/chromium missing: .ci/system-packages installs it")
+        pytest.skip("Chromium not found at /usr/bin/chromium; run .ci/system-packages (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
