@@ -354,9 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from core.migrate import SchemaNotCurrent, check_schema
+
     try:
+        if args.command not in ("db", "demo"):  # those two bring the schema up to date themselves
+            check_schema(settings.database_url)
         return int(args.func(settings, args))
-    except (ValueError, FileNotFoundError) as exc:  # RegistryError, WeightsError, bad files: user errors
+    except (SchemaNotCurrent, ValueError, FileNotFoundError) as exc:  # RegistryError, WeightsError, bad files: user errors
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

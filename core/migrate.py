@@ -22,3 +22,32 @@ def alembic_config(database_url: str) -> Config:
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Upgrade the database at ``database_url`` to ``revision``."""
     command.upgrade(alembic_config(database_url), revision)
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database is missing tables or lags behind the code's migrations."""
+
+
+def check_schema(database_url: str) -> None:
+    """Fail fast, with the fix in the message, when the database is not at the newest revision.
+
+    Raises:
+        SchemaNotCurrent: naming the database, its revision, the expected one and the command.
+    """
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import make_url
+
+    from core.db import make_engine
+
+    head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+    if current != head:
+        where = make_url(database_url).render_as_string(hide_password=True)
+        state = "has no schema yet" if current is None else f"is at revision {current}"
+        raise SchemaNotCurrent(f"the database at {where} {state}, the code needs {head}: run `triage db upgrade`")

@@ -47,10 +47,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, evaluate, calibrate; optionally register and promote the version."""
     from core.db import Database
+    from core.migrate import check_schema
     from trainer.config import resolve_config
     from trainer.train import default_run_dir, register_run, run_training
 
     settings = get_settings()
+    if args.register or args.promote:
+        check_schema(settings.database_url)  # before hours of training, not after
     run_dir = Path(args.out) if args.out else default_run_dir(settings.data_dir, args.arch or "model")
     config_file = Path(args.config) if args.config else None
     if args.resume and config_file is None and (run_dir / "config.yaml").is_file():
@@ -166,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DataError
     from trainer.datacheck import LeakageError
     from trainer.train import TrainingError
+    from core.migrate import SchemaNotCurrent
 
-    expected = (ConfigError, ConfigFileError, DataError, LeakageError, TrainingError, PretrainedUnavailable, WeightsError, RegistryError, ImageDecodeError, ValueError)
+    expected = (SchemaNotCurrent, ConfigError, ConfigFileError, DataError, LeakageError, TrainingError, PretrainedUnavailable, WeightsError, RegistryError, ImageDecodeError, ValueError)
     try:
         return int(args.func(args))
     except expected as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init
 
 from core.config import get_settings
 from core.queue import make_celery
@@ -25,6 +25,17 @@ def _configure_logging(**_: object) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
     )
+
+
+@worker_init.connect
+def _refuse_an_outdated_database(**_: object) -> None:
+    """Stop start-up with the fix when the database schema is missing or behind the code."""
+    from core.migrate import SchemaNotCurrent, check_schema
+
+    try:
+        check_schema(settings.database_url)
+    except SchemaNotCurrent as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 @worker_process_init.connect

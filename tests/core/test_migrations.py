@@ -45,3 +45,23 @@ def test_upgrade_is_idempotent(tmp_path: Path) -> None:
     with engine.connect() as connection:
         assert MigrationContext.configure(connection).get_current_revision() is not None
     engine.dispose()
+
+
+def test_commands_refuse_a_database_without_the_schema(tmp_path: Path) -> None:
+    """The CLI, the trainer and the worker stop with the fix instead of a SQL traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    env = {"PATH": "/usr/bin:/bin", "TRIAGE_DATA_DIR": str(tmp_path / "var"), "PYTHONPATH": str(PROJECT_ROOT)}
+    commands = [
+        [sys.executable, "-m", "core.cli", "model", "list"],
+        [sys.executable, "-m", "trainer", "train", "--data", str(tmp_path / "nowhere"), "--arch", "test_resnet", "--register"],
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool", "solo", "--without-gossip", "--without-mingle"],
+    ]
+    for command in commands:
+        result = subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
+        assert result.returncode != 0, command
+        assert "has no schema yet" in result.stderr and "triage db upgrade" in result.stderr, (command, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, result.stderr[-2000:]
