@@ -36,7 +36,7 @@ from core.db import Database
 from core.migrate import upgrade
 from core.ml.modelio import create_model, save_weights
 from core.ml.predict import load_predictor
-from core.ml.transforms import default_preprocessing
+from core.ml.transforms import default_preprocessing, jpeg_draft_size
 from core.storage import ContentStore
 
 POSTGRES_ADMIN = os.environ.get("TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast-jpeg", action="store_true", help="TRIAGE_FAST_JPEG_DECODE=true")
     parser.add_argument("--no-engine", action="store_true", help="skip the in-process engine comparison")
     parser.add_argument("--studies", type=int, default=1, help="upload this many studies of --images each")
+    parser.add_argument("--threshold", type=float, default=0.0,
+                        help="flag threshold; 0 flags nothing (classification only), 1 flags everything (every image gets a Grad-CAM heat map)")
     args = parser.parse_args(argv)
     print(f"machine: {machine_line()}; commit {git_revision()}")
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         with db.transaction() as session:
             version = registry.register_version(
                 session, settings, weights, name=f"bench {args.arch}", architecture=args.arch, labels=labels,
-                preprocessing=default_preprocessing(args.image_size), threshold=0.8,
+                preprocessing=default_preprocessing(args.image_size), threshold=args.threshold,
             )
             registry.promote(session, version.id)
             spec = registry.ModelSpec.from_version(version)
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             keys = [store.put_bytes(data)[1] for data in images]
             predictor = load_predictor(spec, settings)
             run_engine(predictor, store, keys[: args.batch_size], args.batch_size, None)
-            draft = (args.image_size, args.image_size) if args.fast_jpeg else None
+            draft = jpeg_draft_size(spec.preprocessing) if args.fast_jpeg else None
             _, seconds = run_engine(predictor, store, keys, args.batch_size, draft)
             engine_rate = len(keys) / seconds
             del predictor
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                     stages[stage] += float(value.rstrip("s"))
         total_images = args.images * args.studies
         rate = total_images / total
-        print(f"runtime {args.runtime}, {args.arch}@{args.image_size}, {total_images} JPEGs 512x512 in {args.studies} studies, batch {args.batch_size}, chunk {args.chunk_size}, fast jpeg {args.fast_jpeg}")
+        print(f"runtime {args.runtime}, threshold {args.threshold}, {args.arch}@{args.image_size}, {total_images} JPEGs 512x512 in {args.studies} studies, batch {args.batch_size}, chunk {args.chunk_size}, fast jpeg {args.fast_jpeg}")
         print(f"end to end (HTTP upload -> Redis -> worker -> PostgreSQL): {rate:8.1f} images/s  ({total:.1f} s; upload {uploaded:.1f} s; done {counts['done']}, failed {counts['failed']})")
         if engine_rate:
             print(f"in-process engine, same images:                          {engine_rate:8.1f} images/s  -> end to end = {rate / engine_rate:.0%} of engine")

@@ -21,7 +21,7 @@ from PIL import Image
 from bench.common import SHARED_XRAYS, git_revision, jpeg_bytes, machine_line, source_images
 from core.config import get_settings
 from core.imaging import decode_image
-from core.ml.transforms import build_transform, default_preprocessing
+from core.ml.transforms import build_transform, default_preprocessing, jpeg_draft_size
 
 
 def _time(paths_bytes: list[bytes], transform, draft: tuple[int, int] | None) -> float:  # type: ignore[no-untyped-def]
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     predictor = _predictor(args.version)
     _, height, width = predictor.spec.preprocessing["input_size"]
-    draft = (int(width), int(height))
+    draft = jpeg_draft_size(predictor.spec.preprocessing)
     transform = build_transform(predictor.spec.preprocessing, training=False)
     large = [jpeg_bytes(path, (2000, 2500), salt=i + 1) for i, path in enumerate(source_images(args.images))]
     _time(large[:3], transform, None)

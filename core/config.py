@@ -74,10 +74,11 @@ class Settings(BaseModel):
         description="Let the JPEG decoder downscale large radiographs in the DCT domain to about the "
         "model's input size (several times faster; probabilities differ slightly from a full decode).",
     )
-    runtime: Literal["torch", "onnx", "onnx-int8", "standin"] = Field(
-        default="torch",
-        description="Inference runtime: torch, onnx (ONNX Runtime fp32), onnx-int8 (statically "
-        "quantized, CPU), or standin (benchmarks only: no model, constant output).",
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8", "standin"] = Field(
+        default="auto",
+        description="Inference runtime: auto (PyTorch on CUDA, ONNX Runtime fp32 on CPU), torch, onnx "
+        "(ONNX Runtime fp32), onnx-int8 (statically quantized, CPU), or standin (benchmarks only: "
+        "no model, constant output).",
     )
     reconcile_after_s: int = Field(
         default=900,

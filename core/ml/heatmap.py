@@ -27,6 +27,8 @@ from core.artifacts import heatmap_store
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 512
+#: Images per Grad-CAM pass.
+HEATMAP_BATCH = 8
 # (position, r, g, b): a perceptually ordered blue -> cyan -> green -> yellow -> red ramp.
 _STOPS = np.array([
     [0.00, 0, 0, 160], [0.25, 0, 170, 255], [0.50, 40, 210, 40], [0.75, 255, 220, 0], [1.00, 230, 20, 20],
@@ -103,9 +105,14 @@ def display_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int
 def heatmap_pngs(predictor: object, pictures: Sequence[PILImage.Image]) -> list[bytes]:
     """Heat-map PNGs for decoded images with ``predictor``'s torch model (its own preprocessing)."""
     model: nn.Module = predictor.model  # type: ignore[attr-defined]
-    batch = predictor.preprocess(list(pictures)).to(predictor.device)  # type: ignore[attr-defined]
-    cams = grad_cam(model, batch)
-    return [colorize(cam, display_size(*picture.size)) for cam, picture in zip(cams, pictures)]
+    pngs: list[bytes] = []
+    # Grad-CAM keeps activations and gradients: small slices bound the memory it needs.
+    for start in range(0, len(pictures), HEATMAP_BATCH):
+        part = list(pictures[start : start + HEATMAP_BATCH])
+        device = next(model.parameters()).device
+        cams = grad_cam(model, predictor.preprocess(part).to(device))  # type: ignore[attr-defined]
+        pngs += [colorize(cam, display_size(*picture.size)) for cam, picture in zip(cams, part)]
+    return pngs
 
 
 def explainable(predictor: object) -> bool:

@@ -136,10 +136,12 @@ def quantize_int8(settings: Settings, spec: ModelSpec, images: Iterable[Image.Im
 class OnnxPredictor(Predictor):
     """A :class:`Predictor` whose forward pass runs in ONNX Runtime (CPU)."""
 
-    def __init__(self, spec: ModelSpec, onnx_file: Path, batch_size: int = 32, threads: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, onnx_file: Path, batch_size: int = 32, threads: int = 0, weights_file: Path | None = None) -> None:
         import onnxruntime as ort
 
         self.spec = spec
+        self._weights_file = weights_file
+        self._torch_model: torch.nn.Module | None = None
         self.device = torch.device("cpu")
         self.batch_size = batch_size
         self.transform = build_transform(spec.preprocessing, training=False)
@@ -147,8 +149,15 @@ class OnnxPredictor(Predictor):
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
-        self.model = None  # no torch module: heat maps and other torch-only features are skipped
         log.info("loaded ONNX runtime %s for model version %s", onnx_file.name, spec.version_id)
+
+    @property
+    def model(self) -> torch.nn.Module | None:  # type: ignore[override]
+        """The same version as a torch module, loaded on first use (Grad-CAM heat maps need it)."""
+        if self._torch_model is None and self._weights_file is not None:
+            model = create_model(self.spec.architecture, len(self.spec.labels))
+            self._torch_model = load_weights(model, load_state_dict_file(self._weights_file)).eval()
+        return self._torch_model
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, settings: Settings) -> "OnnxPredictor":
@@ -166,7 +175,8 @@ class OnnxPredictor(Predictor):
                 )
         else:
             path = ensure_fp32(settings, spec)
-        return cls(spec, path, batch_size=settings.batch_size, threads=settings.torch_threads)
+        return cls(spec, path, batch_size=settings.batch_size, threads=settings.torch_threads,
+                   weights_file=weights_path(settings, spec.weights_sha256))
 
     def _logits(self, part: torch.Tensor) -> torch.Tensor:
         (logits,) = self.session.run(["logits"], {"input": part.numpy().astype(np.float32, copy=False)})

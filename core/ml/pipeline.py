@@ -23,6 +23,7 @@ from core.db import Database
 from core.imaging import ImageDecodeError, decode_image
 from core.ml.heatmap import store_heatmaps
 from core.ml.predict import Predictor, load_predictor
+from core.ml.transforms import jpeg_draft_size
 from core.models import Image, Study
 from core.registry import ModelSpec
 from core.storage import ContentStore
@@ -43,7 +44,7 @@ class ChunkReport:
     failed: int = 0
     skipped: int = 0
     study_done: bool = False
-    seconds: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "decode_wait": 0.0, "model": 0.0, "database": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "decode_wait": 0.0, "model": 0.0, "database": 0.0, "heatmaps": 0.0})
 
 
 class PredictorCache:
@@ -147,8 +148,7 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
         clock = time.perf_counter()
         predictor = cache.get(spec)
         report.seconds["load"] += time.perf_counter() - clock
-        _, height, width = spec.preprocessing["input_size"]
-        draft = (int(width), int(height)) if settings.fast_jpeg_decode else None
+        draft = jpeg_draft_size(spec.preprocessing) if settings.fast_jpeg_decode else None
         decode_workers = max(1, min(8, os.cpu_count() or 1))
         with db.transaction() as session:
             rows = list(session.scalars(select(Image).where(Image.id.in_(work_ids)).order_by(Image.id)))
@@ -177,7 +177,9 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
                 # Heat maps (Grad-CAM) for this batch's flagged images only, after their predictions are saved.
                 flagged = [(row, decoded.picture) for (row, decoded), result in zip(good, results) if result.flagged]
                 if flagged:
+                    clock = time.perf_counter()
                     store_heatmaps(session, settings, predictor, spec.version_id, flagged)
+                    report.seconds["heatmaps"] += time.perf_counter() - clock
     clock = time.perf_counter()
     with db.transaction() as session:
         report.study_done = finish_study_if_complete(session, study_id)

@@ -40,6 +40,16 @@ def default_preprocessing(image_size: int = 224, interpolation: str = "bilinear"
     }
 
 
+def jpeg_draft_size(preprocessing: dict[str, Any]) -> tuple[int, int]:
+    """Smallest size a JPEG may be decoded at (DCT-domain downscaling) before the model's resize.
+
+    Twice the input size, so the final antialiased resize still does most of the reduction and the
+    result stays close to a full decode; a 2000x2500 radiograph still decodes at 1/4 scale for 224.
+    """
+    _, height, width = (int(v) for v in preprocessing["input_size"])
+    return (2 * width, 2 * height)
+
+
 def _interpolation(name: str) -> InterpolationMode:
     try:
         return InterpolationMode(name)

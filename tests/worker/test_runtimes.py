@@ -34,7 +34,9 @@ def test_onnx_fp32_matches_torch_and_is_cached_per_version(
     db: Database, settings: Settings, production_model: int, tiny_weights: dict, xrays_dir: Path, tmp_path: Path
 ) -> None:
     spec = _spec(db, production_model)
-    torch_predictor = load_predictor(spec, settings)
+    torch_settings = settings.model_copy(update={"runtime": "torch"})
+    torch_predictor = load_predictor(spec, torch_settings)
+    assert not isinstance(torch_predictor, OnnxPredictor)
     onnx_settings = settings.model_copy(update={"runtime": "onnx"})
     onnx_predictor = load_predictor(spec, onnx_settings)
     assert isinstance(onnx_predictor, OnnxPredictor)
@@ -52,7 +54,7 @@ def test_onnx_fp32_matches_torch_and_is_cached_per_version(
     cache = PredictorCache(onnx_settings)
     first, second = cache.get(spec), cache.get(other_spec)
     assert first is cache.get(spec) and first is not second
-    assert np.abs(second.predict_tensor(batch) - load_predictor(other_spec, settings).predict_tensor(batch)).max() <= 1e-4
+    assert np.abs(second.predict_tensor(batch) - load_predictor(other_spec, torch_settings).predict_tensor(batch)).max() <= 1e-4
 
 
 def test_int8_runtime_is_built_by_the_cli_and_then_served(
@@ -74,10 +76,24 @@ def test_int8_runtime_is_built_by_the_cli_and_then_served(
     assert result.returncode == 0, result.stderr
     predictor = load_predictor(spec, int8_settings)
     assert isinstance(predictor, OnnxPredictor)
-    reference = load_predictor(spec, settings)
+    reference = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
     batch = _batch(xrays_dir, reference)
     int8, fp32 = predictor.predict_tensor(batch), reference.predict_tensor(batch)
     assert np.allclose(int8.sum(axis=1), 1.0, atol=1e-5)
     # A quantized model approximates the float one; a broken quantization (wrong scales, wrong
     # input layout) would be far off.
     assert np.abs(int8 - fp32).max() < 0.1
+
+
+def test_auto_runtime_serves_onnx_on_cpu_with_a_torch_twin_for_heat_maps(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    spec = _spec(db, production_model)
+    predictor = load_predictor(spec, settings.model_copy(update={"runtime": "auto", "device": "cpu"}))
+    assert isinstance(predictor, OnnxPredictor)
+    reference = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
+    batch = _batch(xrays_dir, reference, count=4)
+    assert predictor.model is not None  # loaded on demand for Grad-CAM
+    with torch.inference_mode():
+        twin = torch.softmax(predictor.model(batch), dim=1).numpy()
+    assert np.abs(twin - reference.predict_tensor(batch)).max() <= 1e-5
