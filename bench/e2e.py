@@ -56,12 +56,12 @@ def _env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _wait(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait(condition, timeout: float, what: str, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.05)
+        time.sleep(interval)
     raise SystemExit(f"timed out waiting for {what}")
 
 
@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             study_ids.append(response.json()["id"])
             rss_samples.append(worker_rss_mb())
         for study_id in study_ids:
-            _wait(lambda: study_done(study_id), 7200, f"study {study_id}")
+            # Poll like the study page does (about once a second), not in a tight loop that would
+            # steal CPU from the worker on a small machine.
+            _wait(lambda: study_done(study_id), 7200, f"study {study_id}", interval=0.5)
             rss_samples.append(worker_rss_mb())
         total = time.perf_counter() - start
         counts = {"done": 0, "failed": 0}
