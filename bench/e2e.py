@@ -27,14 +27,14 @@ from pathlib import Path
 import requests
 import sqlalchemy as sa
 
-from bench.common import PROJECT_ROOT, git_revision, machine_line, make_jpegs
+from bench.common import PROJECT_ROOT, git_revision, machine_line, make_jpegs, original_loop
 from bench.engine import run_engine
 from core import registry
 from core.auth import create_user, issue_token
 from core.config import Settings, load_settings
 from core.db import Database
 from core.migrate import upgrade
-from core.ml.modelio import create_model, save_weights
+from core.ml.modelio import create_model, load_state_dict_file, save_weights
 from core.ml.predict import load_predictor
 from core.ml.transforms import default_preprocessing, jpeg_draft_size
 from core.storage import ContentStore
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--fast-jpeg", action="store_true", help="TRIAGE_FAST_JPEG_DECODE=true")
     parser.add_argument("--no-engine", action="store_true", help="skip the in-process engine comparison")
+    parser.add_argument("--loop-images", type=int, default=64,
+                        help="images for the original one-image-at-a-time loop baseline (0: skip)")
     parser.add_argument("--studies", type=int, default=1, help="upload this many studies of --images each")
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="flag threshold; 0 flags nothing (classification only), 1 flags everything (every image gets a Grad-CAM heat map)")
@@ -117,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
             quantize_int8(settings, spec, calibration_images(SHARED_XRAYS / "val", 64))
 
         images = make_jpegs(args.images)
+        loop_rate = None
+        if args.loop_images and args.runtime != "standin":
+            model = create_model(args.arch, len(labels)).eval()
+            model.load_state_dict(load_state_dict_file(registry.weights_path(settings, spec.weights_sha256)))
+            original_loop(model, images[:2], args.image_size)
+            clock = time.perf_counter()
+            original_loop(model, images[: args.loop_images], args.image_size)
+            loop_rate = min(args.loop_images, len(images)) / (time.perf_counter() - clock)
+            del model
         engine_rate = None
         if not args.no_engine:
             store = ContentStore(Path(tmp.name) / "engine-store")
@@ -209,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"end to end (HTTP upload -> Redis -> worker -> PostgreSQL): {rate:8.1f} images/s  ({total:.1f} s; upload {uploaded:.1f} s; done {counts['done']}, failed {counts['failed']})")
         if engine_rate:
             print(f"in-process engine, same images:                          {engine_rate:8.1f} images/s  -> end to end = {rate / engine_rate:.0%} of engine")
+        if loop_rate:
+            print(f"original one-image loop (PyTorch fp32, batch 1):         {loop_rate:8.1f} images/s  -> end to end = {rate / loop_rate:.2f}x the loop")
         worker_busy = sum(stages.values())
         other = total - uploaded - worker_busy
         print("where the time went (s): upload+store+enqueue {:.2f}; worker: {}; broker/queue/idle {:.2f}".format(
