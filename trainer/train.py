@@ -215,7 +215,7 @@ def fit(
                 loss = criterion(logits.float(), y)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"loss became {float(loss)} at epoch {epoch} step {step}: lower the learning rate (now "
+                    f"loss became {float(loss.detach())} at epoch {epoch} step {step}: lower the learning rate (now "
                     f"{optimizer.param_groups[0]['lr']:.2e}) or check the data; the last good checkpoint is {checkpoint_path}"
                 )
             loss.backward()

@@ -85,7 +85,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
         load_state_dict_file(checkpoint)
 
 
-def test_weights_for_another_architecture_are_refused(settings: Settings, tmp_path: Path) -> None:
+def test_weights_for_another_architecture_are_refused(db: Database, settings: Settings, tmp_path: Path) -> None:
     checkpoint = tmp_path / "other.pth"
     torch.save(create_model("test_efficientnet", num_classes=3).state_dict(), checkpoint)
     result = subprocess.run(
