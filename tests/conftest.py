@@ -114,6 +114,13 @@ def register_tiny_model(db: Database, settings: Settings, tiny_weights: dict[str
         return version.id
 
 
+def deploy_tiny_model(settings: Settings, tiny_weights: dict[str, object]) -> tuple[Database, int]:
+    """Migrate ``settings``' database and register + promote the tiny model: (database, version id)."""
+    upgrade(settings.database_url)
+    database = Database(settings)
+    return database, register_tiny_model(database, settings, tiny_weights)
+
+
 @pytest.fixture
 def production_model(db: Database, settings: Settings, tiny_weights: dict[str, object]) -> int:
     """Id of a promoted tiny model version in the test database."""

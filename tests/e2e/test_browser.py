@@ -17,10 +17,8 @@ from sqlalchemy import select
 
 from core.auth import create_user
 from core.config import Settings
-from core.db import Database
-from core.migrate import upgrade
 from core.models import Review
-from tests.conftest import IN_CI, make_settings, register_tiny_model, xray_sample
+from tests.conftest import IN_CI, make_settings, deploy_tiny_model, xray_sample
 from tests.e2e.conftest import LivePortal, LiveWorker
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -61,9 +59,7 @@ def test_sign_in_upload_a_folder_watch_progress_and_review_flagged_cases(
     from playwright.sync_api import expect
 
     settings = make_settings(tmp_path / "var")
-    upgrade(settings.database_url)
-    db = Database(settings)
-    register_tiny_model(db, settings, tiny_weights)
+    db, _ = deploy_tiny_model(settings, tiny_weights)
     with db.transaction() as session:
         create_user(session, "radiologist", PASSWORD, "admin")
     live_worker_factory(settings)

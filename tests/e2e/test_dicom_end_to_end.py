@@ -18,9 +18,7 @@ import pytest
 import requests
 
 from core.config import Settings
-from core.db import Database
-from core.migrate import upgrade
-from tests.conftest import make_settings, register_tiny_model
+from tests.conftest import deploy_tiny_model, make_settings
 from tests.core.test_dicom import PHI, _bytes, _jpeg, _sr_in_study, database_hits, dciodvfy_errors, report_values, with_identity
 from tests.e2e.conftest import LivePortal, LiveWorker, api_token, wait_for
 
@@ -36,9 +34,7 @@ def test_dicom_studies_classify_end_to_end_and_return_a_valid_structured_report(
     live_portal_factory: Callable[[Settings], LivePortal],
 ) -> None:
     settings = make_settings(tmp_path / "var")
-    upgrade(settings.database_url)
-    db = Database(settings)
-    version_id = register_tiny_model(db, settings, tiny_weights)
+    db, version_id = deploy_tiny_model(settings, tiny_weights)
     worker = live_worker_factory(settings)
     portal = live_portal_factory(settings)
     portal.headers = {"Authorization": f"Bearer {api_token(settings)}"}

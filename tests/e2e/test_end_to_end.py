@@ -14,10 +14,8 @@ import requests
 from sqlalchemy import func, select
 
 from core.config import Settings
-from core.db import Database
-from core.migrate import upgrade
 from core.models import Prediction
-from tests.conftest import make_settings, register_tiny_model, xray_sample
+from tests.conftest import deploy_tiny_model, make_settings, xray_sample
 from tests.e2e.conftest import LivePortal, LiveWorker, api_token, wait_for
 
 IMAGES_PER_STUDY = 24
@@ -63,9 +61,7 @@ def test_study_flows_from_upload_to_review(
     live_portal_factory: Callable[[Settings], LivePortal],
 ) -> None:
     settings = _deployment(request, tmp_path, kind)
-    upgrade(settings.database_url)
-    db = Database(settings)
-    version_id = register_tiny_model(db, settings, tiny_weights)
+    db, version_id = deploy_tiny_model(settings, tiny_weights)
     worker = live_worker_factory(settings)
     portal = live_portal_factory(settings)
     portal.headers = {"Authorization": f"Bearer {api_token(settings)}"}

@@ -20,11 +20,10 @@ from sqlalchemy import func, select
 from core import registry
 from core.config import Settings
 from core.db import Database
-from core.migrate import upgrade
 from core.models import Image, ImageStatus, Prediction, Study, StudyStatus
 from core.queue import enqueue_images, make_celery
 from core.studies import add_upload, create_study
-from tests.conftest import PROJECT_ROOT, make_settings, register_tiny_model, xray_sample
+from tests.conftest import PROJECT_ROOT, deploy_tiny_model, make_settings, register_tiny_model, xray_sample
 from tests.e2e.conftest import LiveWorker, settings_env, wait_for
 
 
@@ -33,9 +32,7 @@ def _deploy(tmp_path: Path, postgres_url: str, redis_url: str, tiny_weights: dic
     values: dict[str, object] = {"database_url": postgres_url, "broker_url": redis_url, "chunk_size": 4, "batch_size": 2}
     values.update(overrides)
     settings = make_settings(tmp_path / "var", **values)
-    upgrade(settings.database_url)
-    db = Database(settings)
-    return settings, db, register_tiny_model(db, settings, tiny_weights)
+    return (settings, *deploy_tiny_model(settings, tiny_weights))
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
