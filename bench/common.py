@@ -37,12 +37,16 @@ def source_images(count: int, split: str = "test") -> list[Path]:
 
 
 def jpeg_bytes(path: Path, size: tuple[int, int], quality: int = 90, salt: int = 0) -> bytes:
-    """The radiograph at ``path`` resized to ``size`` as JPEG bytes (``salt`` makes copies distinct)."""
+    """The radiograph at ``path`` resized to ``size`` as JPEG bytes (``salt`` makes copies distinct).
+
+    The salt changes a corner pixel in all three channels, so the picture stays grey like every
+    radiograph in ../shared/data (R = G = B).
+    """
     image = Image.open(path).convert("RGB").resize(size, Image.BILINEAR)
     if salt:
         array = np.asarray(image).copy()
-        array[0, 0, 0] = salt % 256
-        array[0, 1, 0] = (salt // 256) % 256
+        array[0, 0, :] = salt % 256
+        array[0, 1, :] = (salt // 256) % 256
         image = Image.fromarray(array)
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)

@@ -36,7 +36,7 @@ from core.db import Database
 from core.migrate import upgrade
 from core.ml.modelio import create_model, load_state_dict_file, save_weights
 from core.ml.predict import load_predictor
-from core.ml.transforms import default_preprocessing, jpeg_draft_size
+from core.ml.transforms import decode_options, default_preprocessing
 from core.storage import ContentStore
 
 POSTGRES_ADMIN = os.environ.get("TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             store = ContentStore(Path(tmp.name) / "engine-store")
             keys = [store.put_bytes(data)[1] for data in images]
             predictor = load_predictor(spec, settings)
-            run_engine(predictor, store, keys[: args.batch_size], args.batch_size, None)
-            draft = jpeg_draft_size(spec.preprocessing) if args.fast_jpeg else None
-            _, seconds = run_engine(predictor, store, keys, args.batch_size, draft)
+            options = decode_options(spec.preprocessing, args.fast_jpeg)
+            run_engine(predictor, store, keys[: args.batch_size], args.batch_size, options)
+            _, seconds = run_engine(predictor, store, keys, args.batch_size, options)
             engine_rate = len(keys) / seconds
             del predictor
 

@@ -24,7 +24,7 @@ from core.config import load_settings
 from core.ml.modelio import create_model, save_weights
 from core.ml.pipeline import decoded_batches
 from core.ml.predict import load_predictor
-from core.ml.transforms import default_preprocessing
+from core.ml.transforms import DecodeOptions, default_preprocessing
 from core.registry import ModelSpec, weights_path
 from core.storage import ContentStore
 
@@ -34,12 +34,12 @@ class _Row:
         self.storage_key = key
 
 
-def run_engine(predictor, store: ContentStore, keys: list[str], batch_size: int, draft: tuple[int, int] | None) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
+def run_engine(predictor, store: ContentStore, keys: list[str], batch_size: int, options: DecodeOptions = DecodeOptions()) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
     """Decode ahead + batched forward over every key; returns (probabilities, seconds)."""
     rows = [_Row(key) for key in keys]
     start = time.perf_counter()
     outputs = []
-    for batch in decoded_batches(rows, store, batch_size, 10**9, max(1, min(8, os.cpu_count() or 1)), draft, predictor.transform):
+    for batch in decoded_batches(rows, store, batch_size, 10**9, max(1, min(8, os.cpu_count() or 1)), options, predictor.transform):
         outputs.append(predictor.predict_tensor(torch.stack([decoded.tensor for _, decoded in batch])))
     return np.concatenate(outputs), time.perf_counter() - start
 
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 quantize_int8(runtime_settings, spec, calibration_images(SHARED_XRAYS / "val", 64))
             predictor = load_predictor(spec, runtime_settings)
-            run_engine(predictor, store, keys[: args.batch_size], args.batch_size, None)  # warm-up
-            probs, seconds = run_engine(predictor, store, keys, args.batch_size, None)
+            run_engine(predictor, store, keys[: args.batch_size], args.batch_size)  # warm-up
+            probs, seconds = run_engine(predictor, store, keys, args.batch_size)
             rate = len(keys) / seconds
             diff = float(np.abs(probs[: len(loop_images)] - loop_probs).max())
             agree = float((probs[: len(loop_images)].argmax(1) == loop_probs.argmax(1)).mean())

@@ -1,4 +1,4 @@
-"""Large radiographs: full decode + resize vs DCT-domain downscaled decode (PIL draft mode).
+"""Large radiographs: full decode + resize vs the fast path (DCT-domain downscaled, luminance-only decode).
 
     .venv/bin/python -m bench.large_jpeg [--version ID] [--images 40]
 
@@ -21,13 +21,13 @@ from PIL import Image
 from bench.common import SHARED_XRAYS, git_revision, jpeg_bytes, machine_line, source_images
 from core.config import get_settings
 from core.imaging import decode_image
-from core.ml.transforms import build_transform, default_preprocessing, jpeg_draft_size
+from core.ml.transforms import DecodeOptions, build_transform, decode_options, default_preprocessing
 
 
-def _time(paths_bytes: list[bytes], transform, draft: tuple[int, int] | None) -> float:  # type: ignore[no-untyped-def]
+def _time(paths_bytes: list[bytes], transform, options: DecodeOptions) -> float:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     for data in paths_bytes:
-        transform(decode_image(data, 10**9, draft_size=draft))
+        transform(decode_image(data, 10**9, draft_size=options.draft_size, grey=options.grey))
     return (time.perf_counter() - start) / len(paths_bytes)
 
 
@@ -54,10 +54,10 @@ def _predictor(version: int | None):  # type: ignore[no-untyped-def]
     return Predictor(spec, registry.weights_path(settings, spec.weights_sha256), device=settings.device)
 
 
-def _labels(predictor, blobs: list[bytes], draft: tuple[int, int] | None) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _labels(predictor, blobs: list[bytes], options: DecodeOptions) -> np.ndarray:  # type: ignore[no-untyped-def]
     out = []
     for start in range(0, len(blobs), 32):
-        images = [decode_image(b, 10**9, draft_size=draft) for b in blobs[start : start + 32]]
+        images = [decode_image(b, 10**9, draft_size=options.draft_size, grey=options.grey) for b in blobs[start : start + 32]]
         out.append(predictor.predict_tensor(predictor.preprocess(images)).argmax(1))
     return np.concatenate(out)
 
@@ -72,13 +72,18 @@ def main(argv: list[str] | None = None) -> int:
 
     predictor = _predictor(args.version)
     _, height, width = predictor.spec.preprocessing["input_size"]
-    draft = jpeg_draft_size(predictor.spec.preprocessing)
+    full, fast = DecodeOptions(), decode_options(predictor.spec.preprocessing, fast_jpeg_decode=True)
     transform = build_transform(predictor.spec.preprocessing, training=False)
     large = [jpeg_bytes(path, (2000, 2500), salt=i + 1) for i, path in enumerate(source_images(args.images))]
-    _time(large[:3], transform, None)
-    slow = _time(large, transform, None)
-    fast = _time(large, transform, draft)
-    print(f"2000x2500 JPEG -> {width}x{height} tensor: full decode + resize {slow * 1000:.1f} ms, draft decode + resize {fast * 1000:.1f} ms: {slow / fast:.1f}x faster")
+    _time(large[:3], transform, full)
+    slow = _time(large, transform, full)
+    quick = _time(large, transform, fast)
+    print(f"2000x2500 JPEG -> {width}x{height} tensor: full decode + resize {slow * 1000:.1f} ms, "
+          f"fast path (draft + grey) decode + resize {quick * 1000:.1f} ms: {slow / quick:.1f}x faster")
+    small = [jpeg_bytes(path, (512, 512), salt=i + 1) for i, path in enumerate(source_images(args.images))]
+    _time(small[:3], transform, full)
+    slow, quick = _time(small, transform, full), _time(small, transform, fast)
+    print(f"512x512 JPEG -> {width}x{height} tensor: full decode + resize {slow * 1000:.2f} ms, fast path {quick * 1000:.2f} ms: {slow / quick:.1f}x faster")
 
     test_files = sorted((SHARED_XRAYS / "test").glob("*/*.jpg"))
     as_stored = [p.read_bytes() for p in test_files]
@@ -90,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         upscaled.append(buffer.getvalue())
     name = f"version #{args.version}" if args.version else "random tiny model (timing only)"
     for title, blobs in (("as stored", as_stored), ("upscaled to 2000x2500", upscaled)):
-        agree = float((_labels(predictor, blobs, None) == _labels(predictor, blobs, draft)).mean())
-        print(f"label agreement, draft vs full decode, xrays/test {title} ({len(blobs)} images, {name}): {agree:.2%}")
+        agree = float((_labels(predictor, blobs, full) == _labels(predictor, blobs, fast)).mean())
+        print(f"label agreement, fast path vs full decode, xrays/test {title} ({len(blobs)} images, {name}): {agree:.2%}")
     return 0
 
 

@@ -71,8 +71,9 @@ class Settings(BaseModel):
     )
     fast_jpeg_decode: bool = Field(
         default=False,
-        description="Let the JPEG decoder downscale large radiographs in the DCT domain to about the "
-        "model's input size (several times faster; probabilities differ slightly from a full decode).",
+        description="Fast JPEG path: decode luminance only (radiographs are grey; colour is dropped) and "
+        "let the decoder downscale large radiographs in the DCT domain to about twice the model's input "
+        "size (several times faster; probabilities differ slightly from a full decode for large images).",
     )
     runtime: Literal["auto", "torch", "onnx", "onnx-int8", "standin"] = Field(
         default="auto",

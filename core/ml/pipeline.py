@@ -23,7 +23,7 @@ from core.db import Database
 from core.imaging import ImageDecodeError, decode_image
 from core.ml.heatmap import store_heatmaps
 from core.ml.predict import Predictor, load_predictor
-from core.ml.transforms import jpeg_draft_size
+from core.ml.transforms import DecodeOptions, decode_options
 from core.models import Image, Study
 from core.registry import ModelSpec
 from core.storage import ContentStore
@@ -80,7 +80,7 @@ DecodeOutcome = DecodedImage | ImageDecodeError
 
 
 def _decode_one(
-    store: ContentStore, key: str | None, max_pixels: int, draft_size: tuple[int, int] | None, transform: Callable[[PILImage.Image], torch.Tensor] | None
+    store: ContentStore, key: str | None, max_pixels: int, options: DecodeOptions, transform: Callable[[PILImage.Image], torch.Tensor] | None
 ) -> DecodeOutcome:
     if key is None:
         return ImageDecodeError("no stored bytes for this image")
@@ -89,7 +89,7 @@ def _decode_one(
     except FileNotFoundError:
         return ImageDecodeError("stored image file is missing from the image store")
     try:
-        picture = decode_image(data, max_pixels, draft_size=draft_size)
+        picture = decode_image(data, max_pixels, draft_size=options.draft_size, grey=options.grey)
     except ImageDecodeError as exc:
         return exc
     return DecodedImage(picture, transform(picture) if transform is not None else None)
@@ -101,7 +101,7 @@ def decoded_batches(
     batch_size: int,
     max_pixels: int,
     workers: int,
-    draft_size: tuple[int, int] | None = None,
+    options: DecodeOptions = DecodeOptions(),
     transform: Callable[[PILImage.Image], torch.Tensor] | None = None,
 ) -> Iterator[list[tuple[Image, DecodeOutcome]]]:
     """Yield batches of (image row, decoded image or error), working ahead in threads.
@@ -113,7 +113,7 @@ def decoded_batches(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
 
         def submit(batch: Sequence[Image]) -> list[tuple[Image, Future[DecodeOutcome]]]:
-            return [(row, pool.submit(_decode_one, store, row.storage_key, max_pixels, draft_size, transform)) for row in batch]
+            return [(row, pool.submit(_decode_one, store, row.storage_key, max_pixels, options, transform)) for row in batch]
 
         # Two batches in flight: the pool keeps decoding while the caller runs the model on one
         # batch and writes the previous one's results to the database.
@@ -148,12 +148,12 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
         clock = time.perf_counter()
         predictor = cache.get(spec)
         report.seconds["load"] += time.perf_counter() - clock
-        draft = jpeg_draft_size(spec.preprocessing) if settings.fast_jpeg_decode else None
+        options = decode_options(spec.preprocessing, settings.fast_jpeg_decode)
         decode_workers = max(1, min(8, os.cpu_count() or 1))
         with db.transaction() as session:
             rows = list(session.scalars(select(Image).where(Image.id.in_(work_ids)).order_by(Image.id)))
             batches = decoded_batches(
-                rows, image_store(settings), settings.batch_size, settings.max_image_pixels, decode_workers, draft, predictor.transform
+                rows, image_store(settings), settings.batch_size, settings.max_image_pixels, decode_workers, options, predictor.transform
             )
             while True:
                 clock = time.perf_counter()

@@ -38,6 +38,48 @@ def test_grey_jpeg_decodes_to_rgb() -> None:
     assert inspect_image(_jpeg(), max_pixels=10_000).format == "jpeg"
 
 
+def test_grey_decode_of_a_radiograph_equals_every_channel_of_the_full_decode(xrays_dir: Path) -> None:
+    """The fast path's luminance-only JPEG decode loses nothing for grey content (all of xrays/)."""
+    import numpy as np
+
+    from tests.conftest import xray_sample
+
+    for path in xray_sample(xrays_dir, 24):
+        data = path.read_bytes()
+        grey = decode_image(data, max_pixels=10**8, grey=True)
+        full = np.asarray(decode_image(data, max_pixels=10**8))
+        assert grey.mode == "L" and grey.size == (full.shape[1], full.shape[0])
+        for channel in range(3):
+            assert np.array_equal(np.asarray(grey), full[..., channel]), (path.name, channel)
+
+
+def test_grey_decode_of_colour_and_non_jpeg_images_gives_luminance() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(buffer, "JPEG", quality=95)
+    grey = decode_image(buffer.getvalue(), max_pixels=10_000, grey=True)
+    assert grey.mode == "L" and grey.size == (40, 30)
+    assert abs(grey.getpixel((20, 15)) - Image.new("RGB", (1, 1), (200, 40, 40)).convert("L").getpixel((0, 0))) <= 3
+    buffer = io.BytesIO()
+    Image.new("LA", (20, 10), (90, 255)).save(buffer, "PNG")
+    png = decode_image(buffer.getvalue(), max_pixels=10_000, grey=True)
+    assert png.mode == "L" and png.getpixel((3, 3)) == 90
+
+
+def test_grey_picture_gives_the_same_tensor_as_its_rgb_copy(xrays_dir: Path) -> None:
+    """Resizing one grey channel and repeating it equals resizing R = G = B: the fast path's premise."""
+    import torch
+
+    from core.ml.transforms import build_transform, default_preprocessing
+    from tests.conftest import xray_sample
+
+    transform = build_transform(default_preprocessing(224))
+    for path in xray_sample(xrays_dir, 6):
+        grey = decode_image(path.read_bytes(), max_pixels=10**8, grey=True)
+        from_grey, from_rgb = transform(grey), transform(grey.convert("RGB"))
+        assert from_grey.shape == (3, 224, 224)
+        assert torch.equal(from_grey, from_rgb), path.name
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

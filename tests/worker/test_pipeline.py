@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from core.config import Settings
@@ -97,16 +98,24 @@ def test_image_that_keeps_killing_the_worker_is_failed_after_bounded_attempts(
         assert not poison.predictions
 
 
+@pytest.mark.parametrize("fast_jpeg_decode", [False, True], ids=["full-decode", "fast-jpeg"])
 def test_worker_probabilities_equal_the_simple_one_image_path(
-    db: Database, settings: Settings, production_model: int, tiny_weights: dict, xrays_dir: Path
+    db: Database, settings: Settings, production_model: int, tiny_weights: dict, xrays_dir: Path, fast_jpeg_decode: bool
 ) -> None:
-    """Threads, batching and bulk writes change nothing: same numbers as PIL -> transform -> model."""
+    """Threads, batching and bulk writes change nothing: same numbers as PIL -> transform -> model.
+
+    With TRIAGE_FAST_JPEG_DECODE the simple path's picture is the draft, luminance-only decode
+    converted to RGB: the worker's grey picture repeated into three channels must give the same numbers.
+    """
     import torch
     from PIL import Image as PILImage
     from torchvision import transforms
 
+    from core.imaging import decode_image
     from core.ml.modelio import create_model, load_state_dict_file, load_weights
+    from core.ml.transforms import jpeg_draft_size
 
+    settings = settings.model_copy(update={"fast_jpeg_decode": fast_jpeg_decode})
     paths = xray_sample(xrays_dir, 10)
     study_id, ids = _study_with_files(db, settings, {p.name: p.read_bytes() for p in paths})
     classify_chunk(db, settings, PredictorCache(settings), study_id, ids)
@@ -121,7 +130,11 @@ def test_worker_probabilities_equal_the_simple_one_image_path(
     by_name = {path.name: path for path in paths}
     with db.transaction() as session:
         for image in session.scalars(select(Image).where(Image.id.in_(ids))):
-            picture = PILImage.open(by_name[image.filename]).convert("RGB")
+            if fast_jpeg_decode:
+                draft = jpeg_draft_size(tiny_weights["preprocessing"])
+                picture = decode_image(by_name[image.filename].read_bytes(), 10**8, draft_size=draft, grey=True).convert("RGB")
+            else:
+                picture = PILImage.open(by_name[image.filename]).convert("RGB")
             with torch.inference_mode():
                 expected = torch.softmax(model(simple(picture).unsqueeze(0)), dim=1)[0].numpy()
             (prediction,) = image.predictions
