@@ -60,9 +60,13 @@ def _apply_dicom_metadata(image: Image, metadata: DicomMetadata) -> None:
 
 
 def add_upload(
-    session: Session, settings: Settings, study: Study, filename: str, data: bytes, metadata: DicomMetadata | None = None
+    session: Session, settings: Settings, study: Study, filename: str, data: bytes, metadata: DicomMetadata | None = None,
+    flush: bool = True,
 ) -> Image:
     """Check one uploaded file and record it in ``study``.
+
+    With ``flush=False`` the row gets its id at the caller's next flush: a batch upload then
+    inserts all its rows in one round trip instead of one per file.
 
     A usable image is stored by content hash and queued; anything else is recorded as a failed
     image with a message saying why, so the user sees every file they sent. For a DICOM file the
@@ -88,7 +92,8 @@ def add_upload(
         image.width, image.height = info.width, info.height
         image.status = ImageStatus.QUEUED
     session.add(image)
-    session.flush()
+    if flush:
+        session.flush()
     return image
 
 

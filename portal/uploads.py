@@ -172,7 +172,8 @@ def submit_studies(
     for group in groups:
         study_name = base if len(groups) == 1 else f"{base or 'Upload'} ({group.describe()})"
         study = create_dicom_study(session, study_name, model_version, group, created_by_id=created_by_id)
-        images = [add_upload(session, settings, study, filename, data, meta) for filename, data, meta in group.files]
+        images = [add_upload(session, settings, study, filename, data, meta, flush=False) for filename, data, meta in group.files]
+        session.flush()  # one multi-row INSERT for the whole group
         queued = [image.id for image in images if image.status == ImageStatus.QUEUED]
         record("upload", "study", study.id, {"files": len(images), "queued": len(queued), "studies_in_upload": len(groups)})
         if not queued:  # every file was refused: no worker will ever finish this study, so finish it now
