@@ -27,16 +27,12 @@ from core.ml.predict import load_predictor
 from core.ml.transforms import DecodeOptions, default_preprocessing
 from core.registry import ModelSpec, weights_path
 from core.storage import ContentStore
-
-
-class _Row:
-    def __init__(self, key: str) -> None:
-        self.storage_key = key
+from core.studies import ClaimedImage
 
 
 def run_engine(predictor, store: ContentStore, keys: list[str], batch_size: int, options: DecodeOptions = DecodeOptions()) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
     """Decode ahead + batched forward over every key; returns (probabilities, seconds)."""
-    rows = [_Row(key) for key in keys]
+    rows = [ClaimedImage(index, key) for index, key in enumerate(keys)]
     start = time.perf_counter()
     outputs = []
     for batch in decoded_batches(rows, store, batch_size, 10**9, max(1, min(8, os.cpu_count() or 1)), options, predictor.transform):

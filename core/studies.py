@@ -106,12 +106,20 @@ def queued_image_ids(session: Session, study_id: int) -> list[int]:
     )
 
 
+@dataclass(frozen=True)
+class ClaimedImage:
+    """An image a worker is about to classify: its id and where its bytes are."""
+
+    id: int
+    storage_key: str | None
+
+
 @dataclass
 class ClaimedChunk:
-    """Images of a chunk the worker should process now, and those it gave up on."""
+    """Images of a chunk the worker should process now, and the ids of those it gave up on."""
 
-    images: list[Image]
-    gave_up: list[Image]
+    images: list[ClaimedImage]
+    gave_up: list[int]
 
 
 def claim_images(session: Session, study_id: int, image_ids: Sequence[int], max_attempts: int) -> ClaimedChunk:
@@ -119,28 +127,36 @@ def claim_images(session: Session, study_id: int, image_ids: Sequence[int], max_
 
     Images already done or failed are skipped (a redelivered task changes nothing). An image whose
     attempts reached ``max_attempts`` (it keeps killing the worker) is failed instead of retried.
+    One SELECT and one UPDATE for the whole chunk (plus one per image given up on, which is rare).
     """
-    rows = list(
-        session.scalars(
-            select(Image)
-            .where(Image.study_id == study_id, Image.id.in_(list(image_ids)), Image.status.not_in(TERMINAL))
-            .order_by(Image.id)
-        )
-    )
+    rows = session.execute(
+        select(Image.id, Image.storage_key, Image.attempts)
+        .where(Image.study_id == study_id, Image.id.in_(list(image_ids)), Image.status.not_in(TERMINAL))
+        .order_by(Image.id)
+    ).all()
     chunk = ClaimedChunk(images=[], gave_up=[])
-    for image in rows:
-        if image.attempts >= max_attempts:
-            image.status = ImageStatus.FAILED
-            image.error = f"gave up after {image.attempts} attempts: the worker stopped while processing this image"
-            chunk.gave_up.append(image)
-            continue
-        image.attempts += 1
-        image.status = ImageStatus.PROCESSING
-        chunk.images.append(image)
+    for row in rows:
+        if row.attempts >= max_attempts:
+            session.execute(
+                update(Image)
+                .where(Image.id == row.id)
+                .values(status=ImageStatus.FAILED, error=f"gave up after {row.attempts} attempts: the worker stopped while processing this image")
+                .execution_options(synchronize_session=False)
+            )
+            chunk.gave_up.append(row.id)
+        else:
+            chunk.images.append(ClaimedImage(row.id, row.storage_key))
+    if chunk.images:
+        # updated_at is refreshed too (its onupdate): the reconciler measures "processing too long" from it.
+        session.execute(
+            update(Image)
+            .where(Image.id.in_([image.id for image in chunk.images]))
+            .values(attempts=Image.attempts + 1, status=ImageStatus.PROCESSING)
+            .execution_options(synchronize_session=False)
+        )
     session.execute(
         update(Study).where(Study.id == study_id, Study.status == StudyStatus.QUEUED).values(status=StudyStatus.PROCESSING)
     )
-    session.flush()
     return chunk
 
 
@@ -152,7 +168,7 @@ def _insert_ignoring_duplicates(session: Session, values: list[dict[str, Any]]) 
     session.execute(statement, values)
 
 
-def save_predictions(session: Session, model_version_id: int, results: Sequence[tuple[Image, Any]]) -> None:
+def save_predictions(session: Session, model_version_id: int, results: Sequence[tuple[Image | ClaimedImage, Any]]) -> None:
     """Write one prediction per (image, version) and mark the images done; duplicates are ignored.
 
     ``results`` pairs each image with an object that has ``probabilities``, ``label``,
@@ -186,10 +202,14 @@ def save_predictions(session: Session, model_version_id: int, results: Sequence[
     )
 
 
-def fail_image(image: Image, message: str) -> None:
+def fail_image(session: Session, image_id: int, message: str) -> None:
     """Mark one image failed with a message for the user."""
-    image.status = ImageStatus.FAILED
-    image.error = message[:2000]
+    session.execute(
+        update(Image)
+        .where(Image.id == image_id)
+        .values(status=ImageStatus.FAILED, error=message[:2000])
+        .execution_options(synchronize_session=False)
+    )
 
 
 def finish_study_if_complete(session: Session, study_id: int) -> bool:

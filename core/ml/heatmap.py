@@ -23,6 +23,7 @@ from torch import nn
 from core.config import Settings
 from core.models import Image, Prediction
 from core.artifacts import heatmap_store
+from core.studies import ClaimedImage
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def explainable(predictor: object) -> bool:
 
 def store_heatmaps(
     session: Session, settings: Settings, predictor: object, model_version_id: int,
-    flagged: Sequence[tuple[Image, PILImage.Image]],
+    flagged: Sequence[tuple[Image | ClaimedImage, PILImage.Image]],
 ) -> int:
     """Compute, store and record heat maps for flagged images; returns how many were stored.
 

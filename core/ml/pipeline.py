@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image as PILImage
-from sqlalchemy import select
 
 from core.config import Settings
 from core.db import Database
@@ -24,10 +23,10 @@ from core.imaging import ImageDecodeError, decode_image
 from core.ml.heatmap import store_heatmaps
 from core.ml.predict import Predictor, load_predictor
 from core.ml.transforms import DecodeOptions, decode_options
-from core.models import Image, Study
+from core.models import Study
 from core.registry import ModelSpec
 from core.storage import ContentStore
-from core.studies import claim_images, fail_image, finish_study_if_complete, image_store, save_predictions
+from core.studies import ClaimedImage, claim_images, fail_image, finish_study_if_complete, image_store, save_predictions
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +95,14 @@ def _decode_one(
 
 
 def decoded_batches(
-    images: Sequence[Image],
+    images: Sequence[ClaimedImage],
     store: ContentStore,
     batch_size: int,
     max_pixels: int,
     workers: int,
     options: DecodeOptions = DecodeOptions(),
     transform: Callable[[PILImage.Image], torch.Tensor] | None = None,
-) -> Iterator[list[tuple[Image, DecodeOutcome]]]:
+) -> Iterator[list[tuple[ClaimedImage, DecodeOutcome]]]:
     """Yield batches of (image row, decoded image or error), working ahead in threads.
 
     Decoding and, with ``transform``, preprocessing run in the thread pool (PIL and torch release
@@ -112,7 +111,7 @@ def decoded_batches(
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
 
-        def submit(batch: Sequence[Image]) -> list[tuple[Image, Future[DecodeOutcome]]]:
+        def submit(batch: Sequence[ClaimedImage]) -> list[tuple[ClaimedImage, Future[DecodeOutcome]]]:
             return [(row, pool.submit(_decode_one, store, row.storage_key, max_pixels, options, transform)) for row in batch]
 
         # Two batches in flight: the pool keeps decoding while the caller runs the model on one
@@ -142,18 +141,16 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
         spec = ModelSpec.from_version(study.model_version)
         report.failed += len(chunk.gave_up)
         report.skipped = len(image_ids) - len(chunk.images) - len(chunk.gave_up)
-        work_ids = [image.id for image in chunk.images]
     report.seconds["database"] += time.perf_counter() - clock
-    if work_ids:
+    if chunk.images:
         clock = time.perf_counter()
         predictor = cache.get(spec)
         report.seconds["load"] += time.perf_counter() - clock
         options = decode_options(spec.preprocessing, settings.fast_jpeg_decode)
         decode_workers = max(1, min(8, os.cpu_count() or 1))
         with db.transaction() as session:
-            rows = list(session.scalars(select(Image).where(Image.id.in_(work_ids)).order_by(Image.id)))
             batches = decoded_batches(
-                rows, image_store(settings), settings.batch_size, settings.max_image_pixels, decode_workers, options, predictor.transform
+                chunk.images, image_store(settings), settings.batch_size, settings.max_image_pixels, decode_workers, options, predictor.transform
             )
             while True:
                 clock = time.perf_counter()
@@ -164,7 +161,7 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
                 good = [(row, decoded) for row, decoded in batch if isinstance(decoded, DecodedImage)]
                 for row, picture in batch:
                     if isinstance(picture, ImageDecodeError):
-                        fail_image(row, str(picture))
+                        fail_image(session, row.id, str(picture))
                         report.failed += 1
                 clock = time.perf_counter()
                 results = predictor.predict_preprocessed([decoded.tensor for _, decoded in good]) if good else []
