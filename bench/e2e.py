@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         for study_id in study_ids:
             # Poll like the study page does (about once a second), not in a tight loop that would
             # steal CPU from the worker on a small machine.
-            _wait(lambda: study_done(study_id), 7200, f"study {study_id}", interval=0.5)
+            _wait(lambda: study_done(study_id), 7200, f"study {study_id}", interval=1.0)
             rss_samples.append(worker_rss_mb())
         # The spans end when the worker finished the last study (its finished_at), not when a poll
         # happened to notice, so the polling interval does not count against the system.

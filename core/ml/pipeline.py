@@ -94,6 +94,17 @@ def _decode_one(
     return DecodedImage(picture, transform(picture) if transform is not None else None)
 
 
+def batch_slices(count: int, batch_size: int) -> list[slice]:
+    """Batches for ``count`` images: a short first batch, then full ones.
+
+    Nothing overlaps the decoding of a chunk's first batch, so it is a quarter of ``batch_size``:
+    the model starts after a few images are ready while the threads decode the next full batch.
+    """
+    first = min(count, max(1, batch_size // 4))
+    bounds = [0, *range(first, count, batch_size), count] if count else [0]
+    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
 def decoded_batches(
     images: Sequence[ClaimedImage],
     store: ContentStore,
@@ -108,7 +119,7 @@ def decoded_batches(
     Decoding and, with ``transform``, preprocessing run in the thread pool (PIL and torch release
     the GIL), so they overlap the model's forward pass on the previous batch.
     """
-    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    batches = [images[part] for part in batch_slices(len(images), batch_size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
 
         def submit(batch: Sequence[ClaimedImage]) -> list[tuple[ClaimedImage, Future[DecodeOutcome]]]:

@@ -140,3 +140,16 @@ def test_worker_probabilities_equal_the_simple_one_image_path(
             (prediction,) = image.predictions
             got = [prediction.probabilities[label] for label in tiny_weights["labels"]]
             assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-4
+
+
+@pytest.mark.parametrize(("count", "batch_size"), [(0, 32), (1, 32), (8, 32), (9, 32), (64, 32), (130, 32), (7, 1), (5, 2)])
+def test_batches_cover_every_image_once_with_a_short_first_batch(count: int, batch_size: int) -> None:
+    from core.ml.pipeline import batch_slices
+
+    parts = batch_slices(count, batch_size)
+    covered = [index for part in parts for index in range(count)[part]]
+    assert covered == list(range(count))
+    assert all(0 < part.stop - part.start <= batch_size for part in parts)
+    if count > batch_size:
+        assert parts[0].stop - parts[0].start == max(1, batch_size // 4)
+        assert all(part.stop - part.start == batch_size for part in parts[1:-1])
