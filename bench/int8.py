@@ -1,6 +1,6 @@
 """int8 vs fp32 label agreement of a trained, registered model version on xrays/test.
 
-    TRIAGE_DATA_DIR=... .venv/bin/python -m bench.int8 --version ID [--calibration-count 128]
+    TRIAGE_DATA_DIR=... .venv/bin/python -m bench.int8 --version ID [--calibration-count 256]
 
 Builds the version's int8 ONNX runtime calibrated on ../shared/data/xrays/val (as
 `triage model quantize` does) and compares its labels with the torch fp32 model on every test image.
@@ -28,13 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", type=int, required=True)
-    parser.add_argument("--calibration-count", type=int, default=128)
+    parser.add_argument("--calibration-count", type=int, default=256, help="val images: half calibrate, half pick the percentile")
     args = parser.parse_args(argv)
     print(f"machine: {machine_line()}; commit {git_revision()}")
     settings = get_settings()
     with Database(settings).transaction() as session:
         spec = registry.ModelSpec.from_version(registry.get_version(session, args.version))
-    quantize_int8(settings, spec, calibration_images(SHARED_XRAYS / "val", args.calibration_count))
+    build = quantize_int8(settings, spec, calibration_images(SHARED_XRAYS / "val", args.calibration_count))
+    print(f"quantized: activation percentile {build.percentile} chosen on {build.held_out} held-out val images "
+          f"(label agreement there: {', '.join(f'{p}: {a:.1%}' for p, a in build.tried.items())})")
     fp32 = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
     int8 = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))
     files = sorted((SHARED_XRAYS / "test").glob("*/*.jpg"))

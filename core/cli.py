@@ -2,7 +2,7 @@
 
     triage db upgrade
     triage model register --weights W --arch A --labels a,b,c [--threshold T] [--promote]
-    triage model list | triage model promote ID | triage model quantize ID --calibration DIR
+    triage model list | triage model promote ID | triage model quantize ID --calibration DIR [--min-agreement 0.99]
     triage reconcile [--older-than SECONDS]
     triage demo [--host H] [--port P]
     triage user create NAME --role admin|reviewer|uploader [--password-stdin]
@@ -124,9 +124,16 @@ def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     with Database(settings).transaction() as session:
         spec = registry.ModelSpec.from_version(registry.get_version(session, args.version_id))
     images = calibration_images(Path(args.calibration), args.count)
-    path = quantize_int8(settings, spec, images)
-    print(f"int8 runtime for model version #{spec.version_id}: {path} ({len(images)} calibration images); "
-          "use it with TRIAGE_RUNTIME=onnx-int8")
+    build = quantize_int8(settings, spec, images, min_agreement=args.min_agreement)
+    tried = ", ".join(f"{percentile}: {agreement:.1%}" for percentile, agreement in build.tried.items())
+    print(f"int8 runtime for model version #{spec.version_id}: labels agree with fp32 on {build.agreement:.1%} of "
+          f"{build.held_out} held-out images (activation percentile {build.percentile}; tried {tried})")
+    if not build.installed:
+        print(f"error: int8 agreement {build.agreement:.1%} is below --min-agreement {args.min_agreement:.1%}: the int8 "
+              f"runtime was not installed; serve version #{spec.version_id} with TRIAGE_RUNTIME=onnx (fp32), or pass "
+              "--min-agreement 0 to install it anyway", file=sys.stderr)
+        return 2
+    print(f"installed at {build.path}; use it with TRIAGE_RUNTIME=onnx-int8")
     return 0
 
 
@@ -333,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     qnt = model.add_parser("quantize", help="build the int8 ONNX runtime of a version (TRIAGE_RUNTIME=onnx-int8)")
     qnt.add_argument("version_id", type=int)
     qnt.add_argument("--calibration", required=True, help="folder of validation images (searched recursively)")
-    qnt.add_argument("--count", type=int, default=128, help="calibration images to use")
+    qnt.add_argument("--count", type=int, default=256, help="images to use: half calibrate, half check agreement with fp32")
+    qnt.add_argument("--min-agreement", type=float, default=0.99,
+                     help="refuse to install the int8 runtime when its labels agree with fp32 on fewer held-out images (0-1)")
     qnt.set_defaults(func=cmd_model_quantize)
 
     demo = sub.add_parser("demo", help="run portal + worker on the embedded default (SQLite, no broker server)")

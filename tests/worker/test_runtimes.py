@@ -70,10 +70,12 @@ def test_int8_runtime_is_built_by_the_cli_and_then_served(
         raise AssertionError("int8 runtime served before it was built")
 
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "model", "quantize", str(production_model), "--calibration", str(xrays_dir / "val"), "--count", "16"],
+        [sys.executable, "-m", "core.cli", "model", "quantize", str(production_model), "--calibration", str(xrays_dir / "val"),
+         "--count", "16", "--min-agreement", "0"],
         env=settings_env(settings), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
+    assert "held-out images" in result.stdout and "installed at" in result.stdout
     predictor = load_predictor(spec, int8_settings)
     assert isinstance(predictor, OnnxPredictor)
     reference = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
@@ -97,3 +99,38 @@ def test_auto_runtime_serves_onnx_on_cpu_with_a_torch_twin_for_heat_maps(
     with torch.inference_mode():
         twin = torch.softmax(predictor.model(batch), dim=1).numpy()
     assert np.abs(twin - reference.predict_tensor(batch)).max() <= 1e-5
+
+
+def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poor_one(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    """The reported agreement is the served int8 model's, measured on the images it was not calibrated on."""
+    from core.ml.onnx_runtime import calibration_images, ensure_fp32, quantize_int8
+    from core.ml.transforms import build_transform
+    import onnxruntime as ort
+
+    spec = _spec(db, production_model)
+    images = calibration_images(xrays_dir / "val", 24)
+    build = quantize_int8(settings, spec, images, percentiles=(99.0, 99.999))
+    assert build.installed and build.path == runtime_path(settings, spec, "onnx-int8") and build.path.exists()
+    assert set(build.tried) == {99.0, 99.999} and build.agreement == max(build.tried.values()) == build.tried[build.percentile]
+
+    transform = build_transform(spec.preprocessing)
+    held_out = np.stack([transform(image).numpy() for image in images[1::2]])
+    assert build.held_out == len(held_out) == 12
+
+    def labels(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"input": held_out})[0].argmax(1)
+
+    assert float((labels(build.path) == labels(ensure_fp32(settings, spec))).mean()) == build.agreement
+
+    # Asking for more agreement than any candidate reached installs nothing and removes the old one.
+    refused = quantize_int8(settings, spec, images, percentiles=(99.999,), min_agreement=1.01)
+    assert not refused.installed and not runtime_path(settings, spec, "onnx-int8").exists()
+    int8_settings = settings.model_copy(update={"runtime": "onnx-int8"})
+    try:
+        load_predictor(spec, int8_settings)
+    except RuntimeUnavailable:
+        pass
+    else:
+        raise AssertionError("a refused int8 runtime was served")
