@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = registry.ModelSpec.from_version(registry.get_version(session, args.version))
     build = quantize_int8(settings, spec, calibration_images(SHARED_XRAYS / "val", args.calibration_count))
     print(f"quantized: activation percentile {build.percentile} chosen on {build.held_out} held-out val images "
-          f"(label agreement there: {', '.join(f'{p}: {a:.1%}' for p, a in build.tried.items())})")
+          f"(label agreement there: {', '.join(f'{p}: {a:.1%}' for p, a in build.tried.items())}); of the {build.unflagged} "
+          f"held-out images fp32 leaves unflagged (threshold {spec.threshold:.3f}), int8 keeps {build.unflagged_kept} with the same label and no flag")
     fp32 = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
     int8 = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))
     files = sorted((SHARED_XRAYS / "test").glob("*/*.jpg"))

@@ -128,6 +128,9 @@ def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     tried = ", ".join(f"{percentile}: {agreement:.1%}" for percentile, agreement in build.tried.items())
     print(f"int8 runtime for model version #{spec.version_id}: labels agree with fp32 on {build.agreement:.1%} of "
           f"{build.held_out} held-out images (activation percentile {build.percentile}; tried {tried})")
+    if build.unflagged:
+        print(f"of the {build.unflagged} held-out images fp32 would not flag for review, int8 gives the same label "
+              f"without a flag on {build.unflagged_kept} ({build.unflagged_kept / build.unflagged:.1%})")
     if not build.installed:
         print(f"error: int8 agreement {build.agreement:.1%} is below --min-agreement {args.min_agreement:.1%}: the int8 "
               f"runtime was not installed; serve version #{spec.version_id} with TRIAGE_RUNTIME=onnx (fp32), or pass "

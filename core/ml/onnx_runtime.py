@@ -26,7 +26,7 @@ from PIL import Image
 from core.config import Settings
 from core.imaging import ImageDecodeError, decode_image
 from core.ml.modelio import create_model, load_state_dict_file, load_weights
-from core.ml.predict import Predictor
+from core.ml.predict import Predictor, probabilities_from_logits
 from core.ml.transforms import build_transform
 from core.registry import ModelSpec, weights_path
 
@@ -100,6 +100,11 @@ def calibration_images(folder: Path, limit: int) -> list[Image.Image]:
     return images
 
 
+def _confidence(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Top probability per row after the version's temperature, as the worker computes it."""
+    return probabilities_from_logits(torch.from_numpy(logits), temperature).max(dim=1).values.numpy()
+
+
 #: Activation-range percentiles tried by :func:`quantize_int8`; the held-out images pick one.
 CANDIDATE_PERCENTILES = (99.9, 99.99, 99.999)
 
@@ -116,10 +121,14 @@ class Int8Build:
     tried: dict[float, float]
     #: False when the agreement was below ``min_agreement``: nothing was written to ``path``
     installed: bool
+    #: held-out images fp32 leaves unflagged (confidence >= the version's threshold: no review) ...
+    unflagged: int = 0
+    #: ... and on how many of them the chosen int8 model gives the same label and leaves them unflagged too
+    unflagged_kept: int = 0
 
 
-def _labels(session: Any, batch: np.ndarray, chunk: int = 32) -> np.ndarray:
-    return np.concatenate([session.run(["logits"], {"input": batch[i : i + chunk]})[0] for i in range(0, len(batch), chunk)]).argmax(1)
+def _logits(session: Any, batch: np.ndarray, chunk: int = 32) -> np.ndarray:
+    return np.concatenate([session.run(["logits"], {"input": batch[i : i + chunk]})[0] for i in range(0, len(batch), chunk)])
 
 
 def quantize_int8(
@@ -160,7 +169,10 @@ def quantize_int8(
             return None if batch is None else {"input": batch}
 
     fp32 = ensure_fp32(settings, spec)
-    reference = _labels(ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]), held_out)
+    reference_logits = _logits(ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]), held_out)
+    reference = reference_logits.argmax(1)
+    unflagged = _confidence(reference_logits, spec.temperature) >= spec.threshold
+    kept: dict[float, int] = {}
     target = runtime_path(settings, spec, "onnx-int8")
     prepared = _atomic_target(target)
     candidates: dict[float, Path] = {}
@@ -174,8 +186,9 @@ def quantize_int8(
                 weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                 calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": percentile},
             )
-            labels = _labels(ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"]), held_out)
-            tried[percentile] = float((labels == reference).mean())
+            logits = _logits(ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"]), held_out)
+            tried[percentile] = float((logits.argmax(1) == reference).mean())
+            kept[percentile] = int((unflagged & (logits.argmax(1) == reference) & (_confidence(logits, spec.temperature) >= spec.threshold)).sum())
             log.info("int8 candidate of version %s, percentile %s: label agreement %.2f%% on %d held-out images",
                      spec.version_id, percentile, 100 * tried[percentile], len(held_out))
         # Ties go to the highest percentile (least clipping, ONNX Runtime's default behaviour).
@@ -191,7 +204,7 @@ def quantize_int8(
             leftover.unlink(missing_ok=True)
     log.info("int8 runtime of version %s: percentile %s, %d calibration images, %s", spec.version_id, best,
              len(calibration), "installed" if installed else f"not installed (agreement below {min_agreement:.1%})")
-    return Int8Build(target, best, tried[best], len(held_out), tried, installed)
+    return Int8Build(target, best, tried[best], len(held_out), tried, installed, int(unflagged.sum()), kept[best])
 
 
 class OnnxPredictor(Predictor):

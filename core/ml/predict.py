@@ -47,6 +47,11 @@ def resolve_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def probabilities_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature-scaled softmax over classes: what every runtime reports as probabilities."""
+    return torch.softmax(logits / temperature, dim=1)
+
+
 def flag_result(probabilities: np.ndarray, labels: list[str], threshold: float) -> PredictionResult:
     """Turn one probability row into a result; flagged when the top probability < ``threshold``."""
     index = int(np.argmax(probabilities))
@@ -114,7 +119,7 @@ class Predictor:
         outputs = []
         for start in range(0, batch.shape[0], self.batch_size):
             logits = self._logits(batch[start : start + self.batch_size])
-            probs = torch.softmax(logits / self.spec.temperature, dim=1)
+            probs = probabilities_from_logits(logits, self.spec.temperature)
             outputs.append(probs.cpu().numpy())
         if not outputs:
             return np.zeros((0, len(self.spec.labels)), dtype=np.float32)

@@ -124,6 +124,12 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
 
     assert float((labels(build.path) == labels(ensure_fp32(settings, spec))).mean()) == build.agreement
 
+    # With threshold 0 fp32 flags nothing, so "same label, still unflagged" is plain agreement.
+    import dataclasses
+
+    unflagging = quantize_int8(settings, dataclasses.replace(spec, threshold=0.0), images, percentiles=(build.percentile,))
+    assert unflagging.unflagged == 12 and unflagging.unflagged_kept == round(build.agreement * 12)
+
     # Asking for more agreement than any candidate reached installs nothing and removes the old one.
     refused = quantize_int8(settings, spec, images, percentiles=(99.999,), min_agreement=1.01)
     assert not refused.installed and not runtime_path(settings, spec, "onnx-int8").exists()
