@@ -153,3 +153,31 @@ def test_batches_cover_every_image_once_with_a_short_first_batch(count: int, bat
     if count > batch_size:
         assert parts[0].stop - parts[0].start == max(1, batch_size // 4)
         assert all(part.stop - part.start == batch_size for part in parts[1:-1])
+
+
+def test_claiming_counts_the_attempt_and_refreshes_updated_at_for_the_reconciler(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    """The reconciler re-enqueues images idle too long by updated_at: a claim must reset that clock."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import update
+
+    from core.studies import claim_images
+
+    files = {path.name: path.read_bytes() for path in xray_sample(xrays_dir, 3)}
+    study_id, ids = _study_with_files(db, settings, files)
+    long_ago = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    with db.transaction() as session:
+        session.execute(update(Image).where(Image.id.in_(ids)).values(updated_at=long_ago))
+        session.execute(update(Image).where(Image.id == ids[2]).values(status=ImageStatus.DONE))
+    with db.transaction() as session:
+        chunk = claim_images(session, study_id, ids, max_attempts=3)
+    assert [image.id for image in chunk.images] == ids[:2] and chunk.gave_up == []
+    with db.transaction() as session:
+        rows = {image.id: image for image in session.scalars(select(Image).where(Image.id.in_(ids)))}
+        for image_id in ids[:2]:
+            assert rows[image_id].status == ImageStatus.PROCESSING and rows[image_id].attempts == 1
+            assert rows[image_id].updated_at.replace(tzinfo=timezone.utc) > long_ago
+        assert rows[ids[2]].attempts == 0 and rows[ids[2]].status == ImageStatus.DONE
+        assert session.get(Study, study_id).status == StudyStatus.PROCESSING
