@@ -140,9 +140,11 @@ def quantize_int8(
     Every other image calibrates the activation ranges; the rest are held out. For each candidate
     percentile of the activation histograms (outliers beyond it are clipped) an int8 model is built
     and its labels compared with the fp32 model's on the held-out images; the one that agrees most
-    is installed, unless its agreement is below ``min_agreement`` (then no int8 runtime is
-    written, and an older one of the same version is removed). The right percentile depends on the model: on a briefly trained
-    tf_efficientnetv2_s, 99.9 to 99.999 moved agreement from 90 % to 80 % (bench/README.md).
+    is installed, unless its agreement is below ``min_agreement`` (then no int8 runtime is written,
+    and an older one of the same version is removed). The right percentile depends on the model:
+    on a briefly trained tf_efficientnetv2_s, 99.9 to 99.999 moved test agreement from 90 % to 80 %
+    (bench/README.md). Each candidate repeats the calibration pass: an offline command, so the
+    simple public ONNX Runtime API is preferred to sharing one histogram between candidates.
 
     Raises:
         RuntimeUnavailable: fewer than two images (nothing to hold out).
