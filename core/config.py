@@ -92,6 +92,19 @@ class Settings(BaseModel):
         le=100,
         description="Tries before an image whose processing keeps killing the worker is failed.",
     )
+    audit_rate: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="Share of unflagged images also sent to review as audit cases, so a site can measure "
+        "the error among unflagged images on its own patients.",
+    )
+    drift_psi: float = Field(
+        default=0.2,
+        gt=0.0,
+        description="Population stability index (a day's confidence or unfamiliar-score distribution "
+        "against validation) beyond which the models page warns of drift.",
+    )
     visibility_timeout_s: int = Field(
         default=3600,
         ge=1,

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -126,6 +127,8 @@ class ModelVersion(Base):
     threshold: Mapped[float] = mapped_column(Float)
     temperature: Mapped[float] = mapped_column(Float, default=1.0)
     weights_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    #: sha256 of the "unfamiliar image" reference (safetensors in the model store), if fitted.
+    reference_sha256: Mapped[str | None] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     is_demo: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -213,6 +216,17 @@ class Prediction(Base):
     confidence: Mapped[float] = mapped_column(Float)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     flag_reason: Mapped[str | None] = mapped_column(String(200))
+    #: Why the image was flagged: ``unsure`` (low confidence) or ``unfamiliar`` (out of distribution).
+    flag_kind: Mapped[str | None] = mapped_column(String(16), index=True)
+    #: Distance of the image's features from the training radiographs (higher: less familiar).
+    unfamiliar_score: Mapped[float | None] = mapped_column(Float)
+    #: 1 - p(no_fracture) when the labels include ``no_fracture``; else None.
+    fracture_probability: Mapped[float | None] = mapped_column(Float, index=True)
+    #: An unflagged image sent to review as a random audit sample (``TRIAGE_AUDIT_RATE``).
+    audit: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
+    #: Per-image seconds spent decoding and in the model (the batch's time shared out).
+    decode_seconds: Mapped[float | None] = mapped_column(Float)
+    model_seconds: Mapped[float | None] = mapped_column(Float)
     heatmap_key: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

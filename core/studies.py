@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,16 +168,24 @@ def _insert_ignoring_duplicates(session: Session, values: list[dict[str, Any]]) 
     session.execute(statement, values)
 
 
-def save_predictions(session: Session, model_version_id: int, results: Sequence[tuple[Image | ClaimedImage, Any]]) -> None:
+def save_predictions(
+    session: Session,
+    model_version_id: int,
+    results: Sequence[tuple[Image | ClaimedImage, Any]],
+    audit_ids: Collection[int] = (),
+    seconds: dict[int, tuple[float, float]] | None = None,
+) -> None:
     """Write one prediction per (image, version) and mark the images done; duplicates are ignored.
 
-    ``results`` pairs each image with an object that has ``probabilities``, ``label``,
-    ``confidence``, ``flagged`` and ``flag_reason`` (a :class:`core.ml.predict.PredictionResult`).
-    One multi-row INSERT and one UPDATE per call, whatever the batch size.
+    ``results`` pairs each image with a :class:`core.ml.predict.PredictionResult` (or any object
+    with its attributes). ``audit_ids``: images sent to review as audit samples. ``seconds``: per
+    image id, ``(decode seconds, model seconds)``. One multi-row INSERT and one UPDATE per call,
+    whatever the batch size.
     """
     if not results:
         return
     now = utcnow()
+    seconds = seconds or {}
     _insert_ignoring_duplicates(
         session,
         [
@@ -189,6 +197,12 @@ def save_predictions(session: Session, model_version_id: int, results: Sequence[
                 "confidence": result.confidence,
                 "flagged": result.flagged,
                 "flag_reason": result.flag_reason,
+                "flag_kind": getattr(result, "flag_kind", None),
+                "unfamiliar_score": getattr(result, "unfamiliar_score", None),
+                "fracture_probability": getattr(result, "fracture_probability", None),
+                "audit": image.id in audit_ids,
+                "decode_seconds": seconds.get(image.id, (None, None))[0],
+                "model_seconds": seconds.get(image.id, (None, None))[1],
                 "created_at": now,
             }
             for image, result in results

@@ -23,15 +23,37 @@ from core.registry import ModelSpec
 log = logging.getLogger(__name__)
 
 
+#: Flag kinds, stored in ``predictions.flag_kind``.
+FLAG_UNSURE = "unsure"
+FLAG_UNFAMILIAR = "unfamiliar"
+#: The label whose complement is the probability of a fracture ("suspected fractures first").
+NO_FRACTURE_LABEL = "no_fracture"
+
+
 @dataclass(frozen=True)
 class PredictionResult:
-    """One image's outcome: probabilities per label, the top label, and the flag."""
+    """One image's outcome: probabilities per label, the top label, and the flag.
+
+    ``flag_kind`` says why it is flagged: :data:`FLAG_UNFAMILIAR` (its features lie far from the
+    training radiographs, whatever the confidence) wins over :data:`FLAG_UNSURE` (top probability
+    below the version's threshold).
+    """
 
     probabilities: dict[str, float]
     label: str
     confidence: float
     flagged: bool
     flag_reason: str | None
+    flag_kind: str | None = None
+    unfamiliar_score: float | None = None
+    fracture_probability: float | None = None
+
+
+def fracture_probability(probabilities: dict[str, float]) -> float | None:
+    """``1 - p(no_fracture)`` when the labels include ``no_fracture``; otherwise None."""
+    if NO_FRACTURE_LABEL not in probabilities:
+        return None
+    return float(min(max(1.0 - probabilities[NO_FRACTURE_LABEL], 0.0), 1.0))
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
@@ -52,19 +74,47 @@ def probabilities_from_logits(logits: torch.Tensor, temperature: float) -> torch
     return torch.softmax(logits / temperature, dim=1)
 
 
-def flag_result(probabilities: np.ndarray, labels: list[str], threshold: float) -> PredictionResult:
-    """Turn one probability row into a result; flagged when the top probability < ``threshold``."""
+def flag_result(
+    probabilities: np.ndarray,
+    labels: list[str],
+    threshold: float,
+    unfamiliar_score: float | None = None,
+    unfamiliar_cut: float | None = None,
+) -> PredictionResult:
+    """Turn one probability row (and its unfamiliar score) into a result with its flag.
+
+    Flagged as unfamiliar when ``unfamiliar_score > unfamiliar_cut`` (both given), else as unsure
+    when the top probability is below ``threshold``. The reason is written for people.
+    """
     index = int(np.argmax(probabilities))
     confidence = float(probabilities[index])
-    flagged = confidence < threshold
-    reason = f"confidence {confidence:.3f} below threshold {threshold:.3f}" if flagged else None
+    by_label = {label: float(p) for label, p in zip(labels, probabilities)}
+    kind: str | None = None
+    reason: str | None = None
+    if unfamiliar_score is not None and unfamiliar_cut is not None and unfamiliar_score > unfamiliar_cut:
+        kind = FLAG_UNFAMILIAR
+        reason = f"Unfamiliar image: unlike the radiographs the model was trained on (score {unfamiliar_score:.0f} > {unfamiliar_cut:.0f})"
+    elif confidence < threshold:
+        kind = FLAG_UNSURE
+        reason = f"Model unsure: {_percent(confidence)} < {_percent(threshold)} needed"
     return PredictionResult(
-        probabilities={label: float(p) for label, p in zip(labels, probabilities)},
+        probabilities=by_label,
         label=labels[index],
         confidence=confidence,
-        flagged=flagged,
+        flagged=kind is not None,
         flag_reason=reason,
+        flag_kind=kind,
+        unfamiliar_score=None if unfamiliar_score is None else float(unfamiliar_score),
+        fracture_probability=fracture_probability(by_label),
     )
+
+
+def _percent(value: float) -> str:
+    """A probability as people read it: 76 %, 99.4 % (never "100 %" for less than 1)."""
+    percent = 100.0 * value
+    if percent >= 99.95 and value < 1.0:
+        return "99.9 %"
+    return f"{percent:.0f} %" if percent < 99 else f"{percent:.1f} %"
 
 
 class Predictor:
