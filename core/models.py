@@ -206,7 +206,10 @@ class Prediction(Base):
     """The output of one model version for one image (at most one per pair)."""
 
     __tablename__ = "predictions"
-    __table_args__ = (UniqueConstraint("image_id", "model_version_id", name="uq_predictions_image_version"),)
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_version_id", name="uq_predictions_image_version"),
+        Index("ix_predictions_model_version_id_created_at", "model_version_id", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)

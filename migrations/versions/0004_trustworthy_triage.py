@@ -2,7 +2,8 @@
 
 Model versions record the sha256 of their "unfamiliar image" reference; predictions record why they
 were flagged (unsure / unfamiliar), the unfamiliar score, the probability of a fracture, whether the
-image was sent to review as an audit sample, and per-image decode and model seconds.
+image was sent to review as an audit sample, and per-image decode and model seconds; an index
+on (model version, created_at) serves the daily drift view and /metrics.
 
 Revision ID: 0004
 Revises: 0003
@@ -34,12 +35,14 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_predictions_flag_kind'), ['flag_kind'], unique=False)
         batch_op.create_index(batch_op.f('ix_predictions_fracture_probability'), ['fracture_probability'], unique=False)
         batch_op.create_index(batch_op.f('ix_predictions_audit'), ['audit'], unique=False)
+        batch_op.create_index('ix_predictions_model_version_id_created_at', ['model_version_id', 'created_at'], unique=False)
     # predictions made before this revision: their flags were all low-confidence flags
     op.execute("UPDATE predictions SET flag_kind = 'unsure' WHERE flagged")
 
 
 def downgrade() -> None:
     with op.batch_alter_table('predictions', schema=None) as batch_op:
+        batch_op.drop_index('ix_predictions_model_version_id_created_at')
         batch_op.drop_index(batch_op.f('ix_predictions_audit'))
         batch_op.drop_index(batch_op.f('ix_predictions_fracture_probability'))
         batch_op.drop_index(batch_op.f('ix_predictions_flag_kind'))
