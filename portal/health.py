@@ -14,12 +14,13 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from core import registry
+from core import monitoring, registry
 from core.models import Image, ImageStatus, Prediction, Study
 from core.reviewing import count_flagged_cases, flagged_cases, waiting_seconds
 from portal import extensions
@@ -100,19 +101,64 @@ class DatabaseCollector:
         wait = GaugeMetricFamily("triage_queue_wait_seconds", "Age of the oldest image not yet classified (0: none).")
         wait.add_metric([], waiting_seconds(oldest_queued) if oldest_queued else 0.0)
         yield wait
-        backlog = GaugeMetricFamily("triage_review_backlog", "Flagged images waiting for a review.")
+        backlog = GaugeMetricFamily("triage_review_backlog", "Images waiting for a review (flagged cases and audit samples).")
         backlog.add_metric([], count_flagged_cases(session))
         yield backlog
         oldest = flagged_cases(session, limit=1)
         age = GaugeMetricFamily("triage_review_backlog_oldest_seconds", "How long the oldest unreviewed case has waited (0: none).")
         age.add_metric([], waiting_seconds(oldest[0][1].created_at) if oldest else 0.0)
         yield age
+        yield from prediction_metrics(monitoring.prediction_counts(session))
+
+
+#: /metrics histograms per model version: name, help, histogram in core.monitoring.
+_PREDICTION_HISTOGRAMS = (
+    ("triage_prediction_confidence", "Top probability of each prediction, per model version.", "confidence"),
+    ("triage_prediction_fracture_probability", "Probability of a fracture (1 - p(no_fracture)), per model version.",
+     "fracture_probability"),
+    ("triage_prediction_unfamiliar_score", "Unfamiliar-image score (distance from the training radiographs), per model "
+     "version; only versions with an unfamiliar-image reference.", "unfamiliar_score"),
+)
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: monitoring.Histogram) -> None:
+    buckets = [(floatToGoString(bound), count) for bound, count in histogram.buckets] + [("+Inf", histogram.count)]
+    family.add_metric(labels, buckets, histogram.total)
+
+
+def prediction_metrics(counts: list[monitoring.VersionCounts]) -> Any:
+    """Metric families of predictions per model version: distributions, flags by reason, audits, stage latency."""
+    for name, documentation, key in _PREDICTION_HISTOGRAMS:
+        family = HistogramMetricFamily(name, documentation, labels=["version"])
+        for version in counts:
+            if version.histograms[key].count:
+                _add_histogram(family, [str(version.version_id)], version.histograms[key])
+        yield family
+    stages = HistogramMetricFamily("triage_image_stage_seconds", "Seconds per image by worker stage: decode (decode and "
+                                   "preprocess) and model (its share of the batch's forward pass).", labels=["version", "stage"])
+    for version in counts:
+        for stage in ("decode", "model"):
+            histogram = version.histograms[f"{stage}_seconds"]
+            if histogram.count:
+                _add_histogram(stages, [str(version.version_id), stage], histogram)
+    yield stages
+    flagged = CounterMetricFamily("triage_predictions_flagged", "Predictions flagged for review, by model version and "
+                                  "reason (unsure: low confidence; unfamiliar: unlike the training images).",
+                                  labels=["version", "reason"])
+    audit = CounterMetricFamily("triage_predictions_audit", "Unflagged predictions sent to review as audit samples.",
+                                labels=["version"])
+    for version in counts:
+        for reason in monitoring.FLAG_REASONS:
+            flagged.add_metric([str(version.version_id), reason], version.flagged[reason])
+        audit.add_metric([str(version.version_id)], version.audit)
+    yield flagged
+    yield audit
 
 
 @bp.get("/metrics")
 @require("view")
 def metrics() -> Any:
-    """Prometheus metrics: images classified/flagged/failed, queue wait, review backlog and its age."""
+    """Prometheus metrics: images, queue, review backlog; per model version distributions, flags and latency."""
     collectors = CollectorRegistry(auto_describe=False)
     collectors.register(DatabaseCollector(extensions.db_session()))
     return Response(generate_latest(collectors), mimetype=CONTENT_TYPE_LATEST.split(";")[0],

@@ -181,3 +181,21 @@ def test_claiming_counts_the_attempt_and_refreshes_updated_at_for_the_reconciler
             assert rows[image_id].updated_at.replace(tzinfo=timezone.utc) > long_ago
         assert rows[ids[2]].attempts == 0 and rows[ids[2]].status == ImageStatus.DONE
         assert session.get(Study, study_id).status == StudyStatus.PROCESSING
+
+
+def test_each_prediction_records_its_decode_seconds_and_its_share_of_the_model_time(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    files = {path.name: path.read_bytes() for path in xray_sample(xrays_dir, 10)}  # batches of 2 and 8
+    study_id, ids = _study_with_files(db, settings, files)
+
+    report = classify_chunk(db, settings, PredictorCache(settings), study_id, ids)
+
+    with db.transaction() as session:
+        predictions = session.scalars(select(Prediction).where(Prediction.image_id.in_(ids)).order_by(Prediction.image_id)).all()
+        assert len(predictions) == 10
+        assert all(p.decode_seconds is not None and p.decode_seconds > 0 for p in predictions)
+        assert all(p.model_seconds is not None and p.model_seconds > 0 for p in predictions)
+        # The batch's forward pass is shared out equally among its images, so the shares add up to the model time.
+        assert len({p.model_seconds for p in predictions[:2]}) == 1 and len({p.model_seconds for p in predictions[2:]}) == 1
+        assert abs(sum(p.model_seconds for p in predictions) - report.seconds["model"]) < 1e-6
