@@ -1,4 +1,8 @@
-"""Review work and its statistics: the flagged-case queue with filters, and per-model agreement.
+"""Review work and its statistics: the review queue with filters, per-model agreement, audit estimates.
+
+The review queue holds the images the model flagged (``unsure``: low confidence; ``unfamiliar``:
+unlike the training radiographs) and the audit samples (``audit``: a random share of unflagged
+images, see :mod:`core.audit_sampling`), of each study's model version, not yet reviewed.
 
 No Flask and no torch: the portal calls these with its request's session.
 """
@@ -11,12 +15,41 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Integer, Select, cast, func, select
+from sqlalchemy import Integer, Select, and_, case, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.models import Image, ImageStatus, ModelVersion, Prediction, Review, Study
+from core.stats import clopper_pearson_interval
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+#: Why a case is in the review queue.
+REASON_UNSURE, REASON_UNFAMILIAR, REASON_AUDIT = "unsure", "unfamiliar", "audit"
+REASONS = (REASON_UNSURE, REASON_UNFAMILIAR, REASON_AUDIT)
+#: Queue orders: oldest first (the default), or most suspicious first (fracture probability, highest first).
+ORDER_OLDEST, ORDER_SUSPICIOUS = "oldest", "suspicious"
+ORDERS = (ORDER_OLDEST, ORDER_SUSPICIOUS)
+
+
+def case_reason(prediction: Prediction) -> str | None:
+    """Why ``prediction`` is a review case: ``unsure``, ``unfamiliar``, ``audit``, or None (not a case).
+
+    A flag without a kind (made before flag kinds existed) was a low-confidence flag: ``unsure``.
+    """
+    if prediction.flagged:
+        return prediction.flag_kind or REASON_UNSURE
+    return REASON_AUDIT if prediction.audit else None
+
+
+def check_order(order: str) -> str:
+    """``order`` when it is one of :data:`ORDERS`.
+
+    Raises:
+        ValueError: naming the valid orders.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order[:40]!r}")
+    return order
 
 
 def reason_category(reason: str | None) -> str:
@@ -26,18 +59,32 @@ def reason_category(reason: str | None) -> str:
     return " ".join(_NUMBER.sub(" ", reason).split())
 
 
-def _queue_query(study_id: int | None, reason: str | None, include_reviewed: bool) -> Select[Any]:
+def _reason_condition(reason: str) -> Any:
+    if reason == REASON_AUDIT:
+        return and_(Prediction.audit.is_(True), Prediction.flagged.is_(False))
+    if reason == REASON_UNFAMILIAR:
+        return and_(Prediction.flagged.is_(True), Prediction.flag_kind == REASON_UNFAMILIAR)
+    return and_(Prediction.flagged.is_(True), or_(Prediction.flag_kind == REASON_UNSURE, Prediction.flag_kind.is_(None)))
+
+
+def _queue_query(study_id: int | None, reason: str | None, include_reviewed: bool, order: str = ORDER_OLDEST) -> Select[Any]:
+    check_order(order)
     query = (
         select(Image, Prediction)
         .join(Prediction, Prediction.image_id == Image.id)
         .join(Study, Study.id == Image.study_id)
-        .where(Prediction.flagged.is_(True), Prediction.model_version_id == Study.model_version_id,
-               Image.status == ImageStatus.DONE)
-        .order_by(Prediction.created_at, Image.id)
+        .where(or_(Prediction.flagged.is_(True), Prediction.audit.is_(True)),
+               Prediction.model_version_id == Study.model_version_id, Image.status == ImageStatus.DONE)
     )
+    if order == ORDER_SUSPICIOUS:
+        query = query.order_by(Prediction.fracture_probability.desc().nulls_last(), Prediction.created_at, Image.id)
+    else:
+        query = query.order_by(Prediction.created_at, Image.id)
     if study_id is not None:
         query = query.where(Image.study_id == study_id)
-    if reason:
+    if reason in REASONS:  # a case kind: unsure, unfamiliar or audit
+        query = query.where(_reason_condition(reason))
+    elif reason:
         words = reason.split()
         for word in words:  # every word of the category, in any reason text (numbers stripped)
             query = query.where(Prediction.flag_reason.contains(word, autoescape=True))
@@ -48,17 +95,25 @@ def _queue_query(study_id: int | None, reason: str | None, include_reviewed: boo
 
 def flagged_cases(
     session: Session, study_id: int | None = None, reason: str | None = None,
-    include_reviewed: bool = False, limit: int | None = None,
+    include_reviewed: bool = False, limit: int | None = None, order: str = ORDER_OLDEST,
 ) -> list[tuple[Image, Prediction]]:
-    """Flagged images of finished classification with their prediction, oldest first."""
-    query = _queue_query(study_id, reason, include_reviewed)
+    """Review cases (flagged images and audit samples) with their prediction, in ``order``.
+
+    ``reason`` is a case kind (``unsure``, ``unfamiliar``, ``audit``) or a flag-reason category
+    (see :func:`reason_category`). ``order``: ``oldest`` first, or ``suspicious`` (fracture
+    probability, highest first; none last; then oldest).
+
+    Raises:
+        ValueError: for an unknown ``order``.
+    """
+    query = _queue_query(study_id, reason, include_reviewed, order)
     if limit is not None:
         query = query.limit(limit)
     return [(image, prediction) for image, prediction in session.execute(query)]
 
 
 def count_flagged_cases(session: Session, study_id: int | None = None, reason: str | None = None) -> int:
-    """How many flagged cases wait for review (with the same filters as :func:`flagged_cases`)."""
+    """How many cases (flagged and audit) wait for review, with the same filters as :func:`flagged_cases`."""
     inner = _queue_query(study_id, reason, False).with_only_columns(Image.id).order_by(None).subquery()
     return int(session.scalar(select(func.count()).select_from(inner)) or 0)
 
@@ -69,9 +124,24 @@ def reason_categories(session: Session, limit: int = 1000) -> list[str]:
     return sorted({reason_category(reason) for reason in session.scalars(query) if reason})
 
 
-def next_case(session: Session, after_image_id: int | None, study_id: int | None = None, reason: str | None = None) -> Image | None:
-    """The oldest waiting case other than ``after_image_id`` (the one just reviewed)."""
-    query = _queue_query(study_id, reason, False)
+def waiting_reasons(session: Session, study_id: int | None = None) -> dict[str, int]:
+    """How many cases wait for review per kind (``unsure``, ``unfamiliar``, ``audit``), kinds present only."""
+    kind = case(
+        (Prediction.flagged.is_(False), REASON_AUDIT),
+        (Prediction.flag_kind == REASON_UNFAMILIAR, REASON_UNFAMILIAR),
+        else_=REASON_UNSURE,
+    )
+    inner = _queue_query(study_id, None, False).with_only_columns(kind.label("kind")).order_by(None).subquery()
+    rows = session.execute(select(inner.c.kind, func.count()).group_by(inner.c.kind)).all()
+    return {reason: int(count) for reason, count in sorted(rows, key=lambda row: REASONS.index(row[0]))}
+
+
+def next_case(
+    session: Session, after_image_id: int | None, study_id: int | None = None, reason: str | None = None,
+    order: str = ORDER_OLDEST,
+) -> Image | None:
+    """The first waiting case in ``order`` other than ``after_image_id`` (the one just reviewed)."""
+    query = _queue_query(study_id, reason, False, order)
     if after_image_id is not None:
         query = query.where(Image.id != after_image_id)
     row = session.execute(query.limit(1)).first()
@@ -162,3 +232,46 @@ def version_stats(session: Session, version: ModelVersion) -> VersionStats:
         stats.flagged += flagged
     return stats
 
+
+
+@dataclass(frozen=True)
+class AuditEstimate:
+    """The error among unflagged images of one version, measured on reviewed audit samples.
+
+    ``reviewed`` audit cases have a review (the latest review of each image counts); ``wrong`` of
+    them were labelled differently from the model. ``low``/``high``: exact (Clopper–Pearson)
+    interval on the error rate at ``confidence``; None before any review.
+    """
+
+    version_id: int
+    reviewed: int
+    wrong: int
+    confidence: float
+    low: float | None
+    high: float | None
+
+    @property
+    def rate(self) -> float | None:
+        """Share of reviewed audit cases the model got wrong (None before any review)."""
+        return self.wrong / self.reviewed if self.reviewed else None
+
+
+def audit_estimate(session: Session, version_id: int, confidence: float = 0.95) -> AuditEstimate:
+    """Reviewed audit cases of ``version_id`` and how many the model got wrong, with an exact interval.
+
+    One query: each audited image's latest review against the version's prediction.
+    """
+    latest = select(Review.image_id, func.max(Review.id).label("review_id")).group_by(Review.image_id).subquery()
+    wrong = func.sum(case((Prediction.label != Review.label, 1), else_=0))
+    reviewed, errors = session.execute(
+        select(func.count(), wrong)
+        .select_from(Prediction)
+        .join(latest, latest.c.image_id == Prediction.image_id)
+        .join(Review, Review.id == latest.c.review_id)
+        .where(Prediction.model_version_id == version_id, Prediction.audit.is_(True))
+    ).one()
+    reviewed, errors = int(reviewed or 0), int(errors or 0)
+    if not reviewed:
+        return AuditEstimate(version_id, 0, 0, confidence, None, None)
+    low, high = clopper_pearson_interval(errors, reviewed, confidence)
+    return AuditEstimate(version_id, reviewed, errors, confidence, low, high)

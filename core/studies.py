@@ -20,6 +20,8 @@ from core.storage import ContentStore
 log = logging.getLogger(__name__)
 
 TERMINAL = (ImageStatus.DONE, ImageStatus.FAILED)
+#: The label whose absence is a suspected fracture (as ``core.ml.predict.NO_FRACTURE_LABEL``; no torch here).
+NO_FRACTURE_LABEL = "no_fracture"
 
 
 def image_store(settings: Settings) -> ContentStore:
@@ -260,25 +262,49 @@ def study_counts(session: Session, study_id: int) -> dict[str, int]:
     return counts
 
 
+def suspected_fracture_counts(session: Session, studies: Sequence[Study]) -> dict[int, int | None]:
+    """Per study id: predictions by the study's model version whose label is not ``no_fracture``.
+
+    None for a study whose version has no ``no_fracture`` label (nothing to count against). One
+    grouped query for all ``studies``.
+    """
+    counts: dict[int, int | None] = {
+        study.id: 0 if NO_FRACTURE_LABEL in (study.model_version.labels or []) else None for study in studies
+    }
+    countable = [study_id for study_id, count in counts.items() if count is not None]
+    if countable:
+        for study_id, count in session.execute(
+            select(Image.study_id, func.count())
+            .select_from(Prediction)
+            .join(Image, Image.id == Prediction.image_id)
+            .join(Study, Study.id == Image.study_id)
+            .where(Image.study_id.in_(countable), Prediction.model_version_id == Study.model_version_id,
+                   Prediction.label != NO_FRACTURE_LABEL)
+            .group_by(Image.study_id)
+        ):
+            counts[study_id] = int(count)
+    return counts
+
+
 def study_prediction(image: Image, model_version_id: int) -> Prediction | None:
     """The image's prediction by ``model_version_id``, if any."""
     return next((p for p in image.predictions if p.model_version_id == model_version_id), None)
 
 
-def review_queue(session: Session, study_id: int | None = None, include_reviewed: bool = False) -> list[tuple[Image, Prediction]]:
-    """Flagged images with their prediction, oldest first; reviewed ones left out unless asked."""
-    query = (
-        select(Image, Prediction)
-        .join(Prediction, Prediction.image_id == Image.id)
-        .join(Study, Study.id == Image.study_id)
-        .where(Prediction.flagged.is_(True), Prediction.model_version_id == Study.model_version_id)
-        .order_by(Prediction.created_at, Image.id)
-    )
-    if study_id is not None:
-        query = query.where(Image.study_id == study_id)
-    if not include_reviewed:
-        query = query.where(~select(Review.id).where(Review.image_id == Image.id).exists())
-    return [(image, prediction) for image, prediction in session.execute(query)]
+def review_queue(
+    session: Session, study_id: int | None = None, include_reviewed: bool = False, order: str = "oldest"
+) -> list[tuple[Image, Prediction]]:
+    """Review cases with their prediction: flagged images and audit samples of each study's model version.
+
+    ``order``: ``oldest`` first or ``suspicious`` first (fracture probability, highest first, then
+    oldest); reviewed cases are left out unless asked. See :func:`core.reviewing.flagged_cases`.
+
+    Raises:
+        ValueError: for an unknown ``order``.
+    """
+    from core.reviewing import flagged_cases  # here, not at the top: it loads scipy, which the worker does not need
+
+    return flagged_cases(session, study_id=study_id, include_reviewed=include_reviewed, order=order)
 
 
 def record_review(session: Session, image: Image, label: str, reviewer_name: str, note: str | None = None, reviewer_id: int | None = None) -> Review:

@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from core import registry
 from core.models import Image, ImageStatus, Study
-from core.reviewing import count_flagged_cases, flagged_cases, humanize_seconds, waiting_seconds
-from core.studies import record_review
+from core.reviewing import ORDERS, count_flagged_cases, flagged_cases, humanize_seconds, waiting_seconds
+from core.studies import record_review, suspected_fracture_counts
 from portal import extensions, openapi, presenters
 from portal.auth import record, require
 from portal.studies import export_response, report_response
@@ -75,8 +75,9 @@ def _created_study(session, item: SubmittedStudy) -> dict:  # type: ignore[no-un
 def list_studies():  # type: ignore[no-untyped-def]
     """The newest studies with their status and counts."""
     session = extensions.db_session()
-    studies = session.scalars(select(Study).order_by(Study.id.desc()).limit(MAX_LIST))
-    return jsonify(studies=[presenters.study_dict(session, study) for study in studies])
+    studies = list(session.scalars(select(Study).order_by(Study.id.desc()).limit(MAX_LIST)))
+    suspected = suspected_fracture_counts(session, studies)
+    return jsonify(studies=[presenters.study_dict(session, study, suspected[study.id]) for study in studies])
 
 
 @bp.get("/studies/<int:study_id>")
@@ -120,14 +121,20 @@ def study_report(study_id: int):  # type: ignore[no-untyped-def]
 @bp.get("/review-queue")
 @require("review")
 def review_cases():  # type: ignore[no-untyped-def]
-    """Flagged, unreviewed images, oldest first (optional `study` and `reason` filters)."""
+    """Unreviewed cases (flagged and audit samples), `order=oldest` first (default) or `suspicious` first.
+
+    Optional filters: `study`, and `reason` (`unsure`, `unfamiliar`, `audit`, or a flag-reason category).
+    """
     session = extensions.db_session()
     study_id = request.args.get("study", type=int)
     if study_id is not None and not 0 < study_id <= openapi.MAX_ID:
         abort(400, "study must be a study id")
     reason = (request.args.get("reason") or "").strip()[:200] or None
+    order = request.args.get("order") or "oldest"
+    if order not in ORDERS:
+        abort(400, f"order must be one of: {', '.join(ORDERS)} (oldest first, or highest fracture probability first)")
     cases = []
-    for image, prediction in flagged_cases(session, study_id=study_id, reason=reason, limit=MAX_LIST):
+    for image, prediction in flagged_cases(session, study_id=study_id, reason=reason, limit=MAX_LIST, order=order):
         case = presenters.review_case(image, prediction)
         seconds = waiting_seconds(prediction.created_at)
         case["waiting_seconds"] = seconds

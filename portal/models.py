@@ -9,9 +9,10 @@ from flask import Blueprint, abort, flash, redirect, render_template, send_file,
 
 from core import registry
 from core.models import ModelVersion
-from core.reviewing import version_stats
-from portal import extensions
+from core.reviewing import audit_estimate, version_stats
+from portal import extensions, presenters
 from portal.auth import record, require
+from portal.drift import drift_views
 
 bp = Blueprint("models", __name__)
 
@@ -42,12 +43,14 @@ def plot_files(version: ModelVersion) -> dict[str, Path]:
 @bp.get("/models")
 @require("view")
 def list_models() -> Any:
-    """Versions with labels, threshold, metrics, plots, agreement with reviewers and flag rate."""
+    """Versions with labels, threshold, metrics, plots, agreement with reviewers, flag rate and drift."""
     session = extensions.db_session()
     versions = registry.list_versions(session)
     stats = {version.id: version_stats(session, version) for version in versions}
     plots = {version.id: sorted(plot_files(version)) for version in versions}
-    return render_template("models.html", versions=versions, stats=stats, plots=plots)
+    trust = {version.id: presenters.model_trust(version, audit_estimate(session, version.id)) for version in versions}
+    drift = drift_views(session, versions, extensions.settings().drift_psi)
+    return render_template("models.html", versions=versions, stats=stats, plots=plots, drift=drift, trust=trust)
 
 
 @bp.get("/models/<int:version_id>/plots/<name>")

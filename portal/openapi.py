@@ -54,11 +54,16 @@ SCHEMAS: dict[str, Any] = {
     },
     "Study": {
         "type": "object",
-        "required": ["id", "name", "status", "created_at", "model_version", "counts", "status_url", "results_url", "page_url"],
+        "required": ["id", "name", "status", "created_at", "model_version", "counts", "suspected_fractures", "status_url",
+                     "results_url", "page_url"],
         "properties": {
             "id": INTEGER, "name": STRING, "status": {"type": "string", "enum": ["queued", "processing", "done"]},
             "created_at": STRING, "finished_at": _nullable(STRING), "rerun_of_id": _nullable(INTEGER),
             "model_version": _ref("ModelSummary"), "counts": _ref("Counts"),
+            "suspected_fractures": _nullable({
+                "type": "integer", "minimum": 0,
+                "description": "Predictions by the study's model version not labelled no_fracture; null when its "
+                               "labels have no no_fracture"}),
             "status_url": STRING, "results_url": STRING, "page_url": STRING,
             "study_instance_uid": _nullable(STRING), "modality": _nullable(STRING), "body_part": _nullable(STRING),
             "study_date": _nullable({"type": "string", "format": "date"}),
@@ -98,10 +103,16 @@ SCHEMAS: dict[str, Any] = {
     },
     "Case": {
         "type": "object",
-        "required": ["image_id", "study_id", "filename", "label", "confidence", "probabilities", "labels", "waiting_seconds"],
+        "required": ["image_id", "study_id", "filename", "label", "confidence", "probabilities", "labels", "waiting_seconds",
+                     "reason", "audit", "fracture_probability"],
         "properties": {
             "image_id": INTEGER, "study_id": INTEGER, "study_name": STRING, "filename": STRING, "label": STRING,
             "confidence": NUMBER, "probabilities": _ref("Probabilities"), "flag_reason": _nullable(STRING),
+            "reason": {"type": "string", "enum": ["unsure", "unfamiliar", "audit"],
+                       "description": "Why the case waits: model unsure, unfamiliar image, or a random audit of an unflagged image"},
+            "reason_text": STRING, "audit": BOOLEAN,
+            "fracture_probability": _nullable({"type": "number", "minimum": 0, "maximum": 1,
+                                               "description": "1 - p(no_fracture); null when the labels have no no_fracture"}),
             "labels": {"type": "array", "items": STRING}, "model_version_id": INTEGER, "flagged_at": _nullable(STRING),
             "file_url": STRING, "preview_url": _nullable(STRING), "review_url": STRING, "waiting_seconds": NUMBER, "waiting": STRING,
         },
@@ -184,10 +195,15 @@ def document() -> dict[str, Any]:
                     **_errors(401, 403, 404, 409)},
             }},
             "/api/review-queue": {"get": {
-                "operationId": "reviewQueue", "summary": "Flagged, unreviewed images, oldest first",
+                "operationId": "reviewQueue",
+                "summary": "Unreviewed cases: flagged images and audit samples, oldest or most suspicious first",
                 "parameters": [
                     {"name": "study", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}},
-                    {"name": "reason", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 200}},
+                    {"name": "reason", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 200},
+                     "description": "unsure, unfamiliar, audit, or a flag-reason category"},
+                    {"name": "order", "in": "query", "required": False,
+                     "schema": {"type": "string", "enum": ["oldest", "suspicious"], "default": "oldest"},
+                     "description": "oldest first, or suspicious: highest fracture probability first (none last), then oldest"},
                 ],
                 "responses": {"200": _json({"type": "object", "required": ["count", "cases"], "properties": {
                     "count": INTEGER, "cases": {"type": "array", "items": _ref("Case")}}}, "Waiting cases"),

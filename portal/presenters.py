@@ -10,7 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from core.models import Image, ModelVersion, Prediction, Study
-from core.studies import study_counts, study_prediction
+from core.reviewing import AuditEstimate, case_reason
+from core.studies import study_counts, study_prediction, suspected_fracture_counts
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -48,8 +49,18 @@ def model_dict(version: ModelVersion) -> dict[str, Any]:
     }
 
 
-def study_dict(session: Session, study: Study) -> dict[str, Any]:
-    """A study's status and counts, with links to its status, results and page."""
+_UNSET: Any = object()
+
+
+def study_dict(session: Session, study: Study, suspected_fractures: int | None = _UNSET) -> dict[str, Any]:
+    """A study's status and counts, with links to its status, results and page.
+
+    ``suspected_fractures``: predictions of the study's version not labelled ``no_fracture`` (None
+    when its labels have no ``no_fracture``); counted here unless the caller counted a whole list
+    at once with :func:`core.studies.suspected_fracture_counts`.
+    """
+    if suspected_fractures is _UNSET:
+        suspected_fractures = suspected_fracture_counts(session, [study])[study.id]
     return {
         "id": study.id,
         "name": study.name,
@@ -59,6 +70,7 @@ def study_dict(session: Session, study: Study) -> dict[str, Any]:
         "finished_at": iso(study.finished_at),
         "model_version": model_summary(study.model_version),
         "counts": study_counts(session, study.id),
+        "suspected_fractures": suspected_fractures,
         "study_instance_uid": study.study_instance_uid,
         "modality": study.modality,
         "body_part": study.body_part,
@@ -123,8 +135,22 @@ def image_result(image: Image, model_version_id: int) -> dict[str, Any]:
     }
 
 
+#: Why a case is in the review queue, in words for people.
+REASON_WORDS = {
+    "unsure": "Model unsure",
+    "unfamiliar": "Unfamiliar image",
+    "audit": "Audit sample: random check of an unflagged image",
+}
+#: The same, short (menus).
+REASON_NAMES = {"unsure": "Model unsure", "unfamiliar": "Unfamiliar image", "audit": "Audit sample"}
+
+
 def review_case(image: Image, prediction: Prediction) -> dict[str, Any]:
-    """A flagged image waiting for review, with the model's probability for every class."""
+    """A review case (flagged image or audit sample), with the model's probability for every class.
+
+    ``reason`` is ``unsure``, ``unfamiliar`` or ``audit``; ``reason_text`` says it in words.
+    """
+    reason = case_reason(prediction)
     labels = list(image.study.model_version.labels)
     probabilities = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)
     return {
@@ -136,10 +162,123 @@ def review_case(image: Image, prediction: Prediction) -> dict[str, Any]:
         "confidence": prediction.confidence,
         "probabilities": dict(probabilities),
         "flag_reason": prediction.flag_reason,
+        "reason": reason,
+        "reason_text": REASON_WORDS.get(reason or "", ""),
+        "audit": bool(prediction.audit),
+        "fracture_probability": prediction.fracture_probability,
         "labels": labels,
         "model_version_id": prediction.model_version_id,
         "flagged_at": iso(prediction.created_at),
         "file_url": url_for("studies.image_file", image_id=image.id),
         "preview_url": preview_url(image),
         "review_url": url_for("api.review_image", image_id=image.id),
+    }
+
+
+def percent(value: float) -> str:
+    """A share as people read it: ``61 %``, ``1.2 %``, ``8 %`` (one decimal under 10 %, never a 100 % that is not)."""
+    return f"{percent_number(value)} %"
+
+
+def percent_number(value: float) -> str:
+    """:func:`percent` without the sign: ``61``, ``1.2``, ``8``, ``99.7``."""
+    share = 100.0 * value
+    if share < 9.95:
+        text = f"{share:.1f}"
+        return text[:-2] if text.endswith(".0") else text
+    if share >= 99.5 and value < 1.0:
+        return f"{min(share, 99.9):.1f}"
+    return f"{share:.0f}"
+
+
+def _number(mapping: dict[str, Any], key: str) -> float | None:
+    value = mapping.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def held_out_sentence(metrics: dict[str, Any]) -> str | None:
+    """The held-out test results of a version in words, from ``metrics["test"]``; None without them.
+
+    "On 767 held-out images: 61 % accepted without review, 1.2 % of those wrong (95 % bound 2.4 %);
+    39 % sent to review (31 % unsure, 8 % unfamiliar)." Missing figures are left out.
+    """
+    test = metrics.get("test") if isinstance(metrics, dict) else None
+    if not isinstance(test, dict):
+        return None
+    n, coverage = _number(test, "n"), _number(test, "coverage")
+    error, bound, flag_rate = _number(test, "error_unflagged"), _number(test, "error_unflagged_bound"), _number(test, "flag_rate")
+    clauses = []
+    accepted = []
+    if coverage is not None:
+        accepted.append(f"{percent(coverage)} accepted without review")
+    if error is not None:
+        wrong = f"{percent(error)} of those wrong" if coverage is not None else f"{percent(error)} of unflagged images wrong"
+        accepted.append(wrong + (f" (95 % bound {percent(bound)})" if bound is not None else ""))
+    if accepted:
+        clauses.append(", ".join(accepted))
+    if flag_rate is not None:
+        by_reason = test.get("flag_rate_by_reason")
+        parts = [f"{percent(share)} {reason}" for reason in ("unsure", "unfamiliar")
+                 if isinstance(by_reason, dict) and (share := _number(by_reason, reason)) is not None]
+        clauses.append(f"{percent(flag_rate)} sent to review" + (f" ({', '.join(parts)})" if parts else ""))
+    if not clauses:
+        return None
+    head = f"On {int(n):,} held-out images" if n is not None else "On held-out images"
+    return f"{head}: {'; '.join(clauses)}."
+
+
+def guarantee_sentence(metrics: dict[str, Any]) -> str | None:
+    """The promise certified at validation, in words, from ``metrics["guarantee"]``; None without it.
+
+    "Promise made at validation: error among unflagged images ≤ 5 % with 95 % confidence (bound
+    4.1 % on 615 images)", or the same promise marked not certified.
+    """
+    guarantee = metrics.get("guarantee") if isinstance(metrics, dict) else None
+    if not isinstance(guarantee, dict):
+        return None
+    target = _number(guarantee, "target_error")
+    if target is None or not isinstance(guarantee.get("certified"), bool):
+        return None
+    delta, bound, n = _number(guarantee, "delta"), _number(guarantee, "bound"), _number(guarantee, "n")
+    promise = f"error among unflagged images ≤ {percent(target)}"
+    if delta is not None:
+        promise += f" with {percent(1.0 - delta)} confidence"
+    evidence = []
+    if bound is not None:
+        evidence.append(f"bound {percent(bound)}")
+    if n is not None:
+        evidence.append(f"on {int(n):,} images")
+    detail = f" ({' '.join(evidence)})" if evidence else ""
+    if guarantee["certified"]:
+        return f"Promise made at validation: {promise}{detail}"
+    return f"Promise made at validation: not certified: {promise} could not be shown{detail}"
+
+
+def audit_sentence(estimate: AuditEstimate) -> str:
+    """What reviewed audit cases say about the error among unflagged images, in words."""
+    if not estimate.reviewed or estimate.rate is None or estimate.low is None or estimate.high is None:
+        return "No reviewed audit cases yet"
+    return (
+        f"Audit on your patients: {estimate.wrong:,} of {estimate.reviewed:,} audited images wrong, "
+        f"{percent(estimate.rate)} ({percent(estimate.confidence)} interval "
+        f"{percent_number(estimate.low)}–{percent(estimate.high)})"
+    )
+
+
+def model_trust(version: ModelVersion, estimate: AuditEstimate) -> dict[str, Any]:
+    """What the models page says about how far a version can be trusted, as sentences (None: unknown)."""
+    metrics = version.metrics if isinstance(version.metrics, dict) else {}
+    test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
+    accuracy, auc = _number(test, "accuracy"), _number(test, "auc_macro_ovr")
+    scores = []
+    if accuracy is not None:
+        scores.append(f"accuracy {percent(accuracy)}")
+    if auc is not None:
+        scores.append(f"AUC {auc:.3f} (macro, one-vs-rest)")
+    return {
+        "test": held_out_sentence(metrics),
+        "scores": ("Held-out " + ", ".join(scores) + ".") if scores else None,
+        "guarantee": guarantee_sentence(metrics),
+        "audit": audit_sentence(estimate),
+        "audit_reviewed": estimate.reviewed,
     }

@@ -1,4 +1,4 @@
-"""Review of flagged low-confidence cases: the queue (oldest first) and a viewer with one-key labelling."""
+"""Review: the queue of flagged cases and audit samples, oldest or most suspicious first, and a one-key viewer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 
 from core.models import Image, ImageStatus
 from core.reviewing import (
-    count_flagged_cases, flagged_cases, humanize_seconds, next_case, reason_categories, waiting_seconds,
+    ORDER_OLDEST, ORDERS, REASON_AUDIT, count_flagged_cases, flagged_cases, humanize_seconds, next_case, reason_categories,
+    waiting_reasons, waiting_seconds,
 )
 from core.studies import record_review, study_prediction
 from portal import extensions, presenters
@@ -22,7 +23,10 @@ MAX_SHOWN = 100
 
 
 def _filters() -> dict[str, Any]:
-    """The queue filters of this request (study id, flag-reason category), empty ones left out."""
+    """The queue filters of this request (study id, reason, order), empty and default ones left out.
+
+    A bad ``order`` is a 400.
+    """
     values = request.values
     filters: dict[str, Any] = {}
     study = values.get("study", type=int)
@@ -31,16 +35,22 @@ def _filters() -> dict[str, Any]:
     reason = (values.get("reason") or "").strip()[:200]
     if reason:
         filters["reason"] = reason
+    order = (values.get("order") or ORDER_OLDEST).strip()
+    if order not in ORDERS:
+        abort(400, f"order must be one of: {', '.join(ORDERS)}.")
+    if order != ORDER_OLDEST:
+        filters["order"] = order
     return filters
 
 
 @bp.get("/review")
 @require("review")
 def queue() -> Any:
-    """Flagged, unreviewed images, oldest first, filterable by study and flag reason, with waiting time."""
+    """Unreviewed flagged cases and audit samples, oldest or most suspicious first, filterable, with waiting time."""
     session = extensions.db_session()
     filters = _filters()
-    cases = flagged_cases(session, study_id=filters.get("study"), reason=filters.get("reason"), limit=MAX_SHOWN)
+    order = filters.get("order", ORDER_OLDEST)
+    cases = flagged_cases(session, study_id=filters.get("study"), reason=filters.get("reason"), limit=MAX_SHOWN, order=order)
     shown = []
     for image, prediction in cases:
         case = presenters.review_case(image, prediction)
@@ -48,7 +58,11 @@ def queue() -> Any:
         case["open_url"] = url_for("review.case", image_id=image.id, **filters)
         shown.append(case)
     total = count_flagged_cases(session, study_id=filters.get("study"), reason=filters.get("reason"))
-    return render_template("review.html", cases=shown, total=total, filters=filters, reasons=reason_categories(session))
+    reason = filters.get("reason")
+    audits = count_flagged_cases(session, study_id=filters.get("study"), reason=REASON_AUDIT) if reason in (None, REASON_AUDIT) else 0
+    return render_template("review.html", cases=shown, total=total, audits=audits, filters=filters, order=order,
+                           reasons=reason_categories(session), kinds=waiting_reasons(session),
+                           reason_names=presenters.REASON_NAMES)
 
 
 def _case_context(session: Session, image: Image) -> dict[str, Any]:
@@ -111,7 +125,8 @@ def submit(image_id: int) -> Any:
     session.commit()
     filters = _filters()
     flash(f"Recorded {review.label} for {image.filename}.", "info")
-    following = next_case(session, image.id, study_id=filters.get("study"), reason=filters.get("reason"))
+    following = next_case(session, image.id, study_id=filters.get("study"), reason=filters.get("reason"),
+                          order=filters.get("order", ORDER_OLDEST))
     if following is None:
         flash("No more cases waiting" + (" with these filters." if filters else "."), "info")
         return redirect(url_for("review.queue", **filters), code=303)

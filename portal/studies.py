@@ -18,7 +18,7 @@ from core.dicom import ReportUnavailable, report_filename, structured_report
 from core.models import Image, ModelVersion, Prediction, Study, StudyStatus
 from core.queue import enqueue_images
 from core.reruns import comparison, rerun_study
-from core.studies import image_store, study_counts
+from core.studies import image_store, study_counts, suspected_fracture_counts
 from portal import extensions, presenters
 from portal.auth import record, require
 from portal.uploads import UploadError, collect_files, require_production_model, submit_studies
@@ -42,7 +42,8 @@ def _render_index(error: str | None = None, status: int = 200) -> Any:
     session = extensions.db_session()
     studies = list(session.scalars(select(Study).order_by(Study.id.desc()).limit(MAX_LISTED)))
     rows = [(study, study_counts(session, study.id)) for study in studies]
-    return render_template("studies.html", rows=rows, error=error), status
+    suspected = suspected_fracture_counts(session, studies)
+    return render_template("studies.html", rows=rows, suspected=suspected, error=error), status
 
 
 def get_study(study_id: int) -> Study:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image as PILImage
 
+from core.audit_sampling import audit_ids
 from core.config import Settings
 from core.db import Database
 from core.imaging import ImageDecodeError, decode_image
@@ -73,6 +74,8 @@ class DecodedImage:
 
     picture: PILImage.Image
     tensor: torch.Tensor | None = None
+    #: Seconds this image took to decode and preprocess (in its decoding thread).
+    seconds: float = 0.0
 
 
 DecodeOutcome = DecodedImage | ImageDecodeError
@@ -87,11 +90,13 @@ def _decode_one(
         data = store.read(key)
     except FileNotFoundError:
         return ImageDecodeError("stored image file is missing from the image store")
+    started = time.perf_counter()
     try:
         picture = decode_image(data, max_pixels, draft_size=options.draft_size, grey=options.grey)
     except ImageDecodeError as exc:
         return exc
-    return DecodedImage(picture, transform(picture) if transform is not None else None)
+    tensor = transform(picture) if transform is not None else None
+    return DecodedImage(picture, tensor, time.perf_counter() - started)
 
 
 def batch_slices(count: int, batch_size: int) -> list[slice]:
@@ -176,9 +181,15 @@ def classify_chunk(db: Database, settings: Settings, cache: PredictorCache, stud
                         report.failed += 1
                 clock = time.perf_counter()
                 results = predictor.predict_preprocessed([decoded.tensor for _, decoded in good]) if good else []
-                report.seconds["model"] += time.perf_counter() - clock
+                model_seconds = time.perf_counter() - clock
+                report.seconds["model"] += model_seconds
+                # Per image: its own decode time, and its share of the batch's forward pass.
+                seconds = {row.id: (decoded.seconds, model_seconds / len(good)) for row, decoded in good}
                 clock = time.perf_counter()
-                save_predictions(session, spec.version_id, [(row, result) for (row, _), result in zip(good, results)])
+                audited = audit_ids(settings.secret_key, spec.version_id, settings.audit_rate,
+                                    [(row.id, result.flagged) for (row, _), result in zip(good, results)])
+                save_predictions(session, spec.version_id, [(row, result) for (row, _), result in zip(good, results)],
+                                 audit_ids=audited, seconds=seconds)
                 session.commit()
                 report.seconds["database"] += time.perf_counter() - clock
                 report.predicted += len(results)

@@ -23,6 +23,8 @@
     var bar = row.querySelector("[data-field='progress']");
     bar.max = c.total || 1;
     bar.value = c.done + c.failed;
+    var suspected = row.querySelector("[data-field='suspected_fractures']");
+    if (suspected) { suspected.textContent = study.suspected_fractures === null ? "" : study.suspected_fractures; }
   }
 
   function poll() {

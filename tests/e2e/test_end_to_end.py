@@ -106,7 +106,9 @@ def test_study_flows_from_upload_to_review(
     flagged = [item for item in results if item["flagged"]]
     assert flagged, "the random tiny model should leave some images under the 0.9 threshold"
     queue = requests.get(f"{portal.url}/api/review-queue", headers=portal.headers, timeout=30).json()["cases"]
-    assert {item["image_id"] for item in queue} == {item["id"] for item in flagged}
+    # Flagged images, plus the audit samples (TRIAGE_AUDIT_RATE of the unflagged ones).
+    assert {item["image_id"] for item in queue if item["reason"] != "audit"} == {item["id"] for item in flagged}
+    assert not {item["image_id"] for item in queue if item["reason"] == "audit"} & {item["id"] for item in flagged}
 
     case = flagged[0]
     response = requests.post(
