@@ -31,6 +31,16 @@ def create_model(architecture: str, num_classes: int, pretrained: bool = False, 
         raise
 
 
+def logits_and_features(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of a timm model: ``(logits, penultimate features)``.
+
+    The features are what timm's head gives before the classifier (``pre_logits=True``: pooled,
+    and normalised where the architecture's head does so); the unfamiliar-image score uses them.
+    """
+    trunk = model.forward_features(batch)  # type: ignore[operator]
+    return model.forward_head(trunk), model.forward_head(trunk, pre_logits=True)  # type: ignore[operator]
+
+
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write a model's state dict to ``path`` as safetensors (tensors made contiguous)."""
     path = Path(path)
@@ -97,15 +107,27 @@ def build_model(architecture: str, num_classes: int, pretrained: str = "none", *
     """A timm model for training, initialised from the hub, from a local file, or at random.
 
     Args:
-        pretrained: ``"none"`` (random init), ``"hub"`` (download from the model hub) or a path to a
-            ``.safetensors``/``.pth`` file; a classifier head whose shape differs is left new.
+        pretrained: ``"none"`` (random init), ``"package"`` (an installed weights package, no
+            network: :mod:`core.ml.weight_packages`), ``"hub"`` (download from the model hub) or a
+            path to a ``.safetensors``/``.pth`` file; a classifier head whose shape differs is left new.
 
     Raises:
-        PretrainedUnavailable: when the hub cannot be reached or the file does not fit.
+        PretrainedUnavailable: when the package is missing, the hub cannot be reached or the file
+            does not fit.
         WeightsError: when timm has no such architecture.
     """
     if pretrained in ("", "none"):
         return create_model(architecture, num_classes, **kwargs)
+    if pretrained == "package":
+        from core.ml.weight_packages import WeightPackageError, load_package_weights
+
+        model = create_model(architecture, num_classes, **kwargs)
+        try:
+            new = load_package_weights(model, architecture)
+        except WeightPackageError as exc:
+            raise PretrainedUnavailable(str(exc)) from None
+        log.info("initialised %s from its installed weights package (new: %s)", architecture, new or "nothing")
+        return model
     if pretrained == "hub":
         try:
             return create_model(architecture, num_classes, pretrained=True, **kwargs)
@@ -114,11 +136,11 @@ def build_model(architecture: str, num_classes: int, pretrained: str = "none", *
         except (OSError, RuntimeError, ValueError) as exc:
             raise PretrainedUnavailable(
                 f"cannot get pretrained weights for {architecture} from the model hub ({type(exc).__name__}); "
-                "use --pretrained PATH (a local .safetensors/.pth file) or --pretrained none to train from scratch"
+                "use --pretrained package (installed weights), --pretrained PATH (a .safetensors/.pth file) or --pretrained none"
             ) from None
     path = Path(pretrained)
     if not path.is_file():
-        raise PretrainedUnavailable(f"pretrained weights file {path} not found; use --pretrained hub, PATH or none")
+        raise PretrainedUnavailable(f"pretrained weights file {path} not found; use --pretrained package, hub, PATH or none")
     model = create_model(architecture, num_classes, **kwargs)
     try:
         state = load_state_dict_file(path)
