@@ -39,6 +39,8 @@ class ModelSpec:
     temperature: float
     weights_sha256: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: sha256 of the unfamiliar-image reference (``core.ml.unfamiliar``), None when not fitted
+    reference_sha256: str | None = None
 
     @classmethod
     def from_version(cls, version: ModelVersion) -> "ModelSpec":
@@ -52,12 +54,13 @@ class ModelSpec:
             temperature=float(version.temperature),
             weights_sha256=version.weights_sha256,
             extra=dict(version.extra or {}),
+            reference_sha256=version.reference_sha256,
         )
 
     @property
     def cache_key(self) -> tuple[int, str]:
-        """Key for per-process caches: a version id never reuses another's weights."""
-        return (self.version_id, self.weights_sha256)
+        """Key for per-process caches: a version id never reuses another's weights or reference."""
+        return (self.version_id, f"{self.weights_sha256}:{self.reference_sha256 or ''}")
 
 
 def model_store(settings: Settings) -> ContentStore:
@@ -70,6 +73,23 @@ def weights_path(settings: Settings, sha256: str) -> Path:
     """Path of the safetensors file with digest ``sha256``."""
     store = model_store(settings)
     return store.path_for_key(store.key_for(sha256))
+
+
+def reference_path(settings: Settings, sha256: str) -> Path:
+    """Path of the unfamiliar-image reference with digest ``sha256`` (same store as the weights)."""
+    return weights_path(settings, sha256)
+
+
+def _store_file(settings: Settings, source: Path) -> str:
+    """Copy a safetensors file into the model store (atomically, once); returns its sha256."""
+    digest = sha256_file(source)
+    target = weights_path(settings, digest)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".incoming")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+    return digest
 
 
 def validate_metadata(labels: list[str], preprocessing: dict[str, Any], threshold: float, temperature: float) -> None:
@@ -110,19 +130,17 @@ def register_version(
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     is_demo: bool = False,
+    reference_file: Path | None = None,
 ) -> ModelVersion:
-    """Copy a safetensors weights file into the store and record a new version (not promoted)."""
+    """Copy a safetensors weights file (and the unfamiliar-image reference, when given) into the
+    store and record a new version (not promoted)."""
     validate_metadata(labels, preprocessing, threshold, temperature)
     weights_file = Path(weights_file)
-    if weights_file.suffix != ".safetensors":
-        raise RegistryError(f"weights must be a .safetensors file, got {weights_file.name}")
-    digest = sha256_file(weights_file)
-    target = weights_path(settings, digest)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".incoming")
-        shutil.copyfile(weights_file, tmp)
-        tmp.replace(target)
+    for path in (weights_file, reference_file):
+        if path is not None and Path(path).suffix != ".safetensors":
+            raise RegistryError(f"weights and reference must be .safetensors files, got {Path(path).name}")
+    digest = _store_file(settings, weights_file)
+    reference_digest = _store_file(settings, Path(reference_file)) if reference_file is not None else None
     version = ModelVersion(
         name=name,
         architecture=architecture,
@@ -131,6 +149,7 @@ def register_version(
         threshold=float(threshold),
         temperature=float(temperature),
         weights_sha256=digest,
+        reference_sha256=reference_digest,
         metrics=metrics or {},
         extra=extra or {},
         is_demo=is_demo,

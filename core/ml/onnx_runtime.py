@@ -25,8 +25,8 @@ from PIL import Image
 
 from core.config import Settings
 from core.imaging import ImageDecodeError, decode_image
-from core.ml.modelio import create_model, load_state_dict_file, load_weights
-from core.ml.predict import Predictor, probabilities_from_logits
+from core.ml.modelio import create_model, load_state_dict_file, load_weights, logits_and_features
+from core.ml.predict import Predictor, load_reference, probabilities_from_logits, spec_reference_file
 from core.ml.transforms import build_transform
 from core.registry import ModelSpec, weights_path
 
@@ -39,9 +39,24 @@ class RuntimeUnavailable(RuntimeError):
     """A runtime artifact is missing or cannot be built; the message says how to build it."""
 
 
+#: Bumped when the exported graph changes (v2: a second output, the penultimate features).
+EXPORT_FORMAT = "logits+features-v2"
+
+
+class _LogitsAndFeatures(torch.nn.Module):
+    """Export wrapper: one forward pass, two outputs (``logits``, ``features``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_features(self.model, batch)
+
+
 def runtime_key(spec: ModelSpec) -> str:
-    """Cache key of a version's runtimes: weights sha256 + architecture + input size."""
-    identity = f"{spec.weights_sha256}|{spec.architecture}|{spec.preprocessing['input_size']}"
+    """Cache key of a version's runtimes: weights sha256 + architecture + input size + graph format."""
+    identity = f"{spec.weights_sha256}|{spec.architecture}|{spec.preprocessing['input_size']}|{EXPORT_FORMAT}"
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
@@ -67,8 +82,9 @@ def export_onnx(spec: ModelSpec, weights_file: Path, target: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
+            _LogitsAndFeatures(model), (example,), str(tmp), input_names=["input"], output_names=["logits", "features"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+            opset_version=ONNX_OPSET, dynamo=False,
         )
     tmp.replace(target)
     log.info("exported %s to ONNX at %s", spec.architecture, target)
@@ -212,15 +228,15 @@ def quantize_int8(
 class OnnxPredictor(Predictor):
     """A :class:`Predictor` whose forward pass runs in ONNX Runtime (CPU)."""
 
-    def __init__(self, spec: ModelSpec, onnx_file: Path, batch_size: int = 32, threads: int = 0, weights_file: Path | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, onnx_file: Path, batch_size: int = 32, threads: int = 0, weights_file: Path | None = None,
+        reference_file: Path | None = None,
+    ) -> None:
         import onnxruntime as ort
 
-        self.spec = spec
+        self._setup_common(spec, batch_size, load_reference(reference_file), torch.device("cpu"))
         self._weights_file = weights_file
         self._torch_model: torch.nn.Module | None = None
-        self.device = torch.device("cpu")
-        self.batch_size = batch_size
-        self.transform = build_transform(spec.preprocessing, training=False)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -252,8 +268,8 @@ class OnnxPredictor(Predictor):
         else:
             path = ensure_fp32(settings, spec)
         return cls(spec, path, batch_size=settings.batch_size, threads=settings.torch_threads,
-                   weights_file=weights_path(settings, spec.weights_sha256))
+                   weights_file=weights_path(settings, spec.weights_sha256), reference_file=spec_reference_file(spec, settings))
 
-    def _logits(self, part: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(["logits"], {"input": part.numpy().astype(np.float32, copy=False)})
-        return torch.from_numpy(logits).float()
+    def _forward(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = self.session.run(["logits", "features"], {"input": part.numpy().astype(np.float32, copy=False)})
+        return torch.from_numpy(logits).float(), torch.from_numpy(features).float()

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from core.ml.modelio import create_model, load_state_dict_file, load_weights
+from core.ml.modelio import create_model, load_state_dict_file, load_weights, logits_and_features
+from core.ml.unfamiliar import ReferenceError, UnfamiliarReference
 from core.ml.transforms import build_transform, preprocess_batch
 from core.config import Settings
 from core.registry import ModelSpec
@@ -118,29 +119,43 @@ def _percent(value: float) -> str:
 
 
 class Predictor:
-    """A loaded model version ready to classify batches of decoded images."""
+    """A loaded model version ready to classify batches of decoded images.
 
-    def __init__(self, spec: ModelSpec, weights_file: Path, device: str = "auto", batch_size: int = 32) -> None:
+    Every runtime (this PyTorch one, ONNX fp32/int8) implements :meth:`_forward`, which returns the
+    logits and the penultimate features of one forward pass; the features give the unfamiliar-image
+    score when the version has a reference (:mod:`core.ml.unfamiliar`).
+    """
+
+    def __init__(
+        self, spec: ModelSpec, weights_file: Path, device: str = "auto", batch_size: int = 32, reference_file: Path | None = None
+    ) -> None:
         model = create_model(spec.architecture, num_classes=len(spec.labels))
-        self._setup(spec, load_weights(model, load_state_dict_file(weights_file)), device, batch_size)
+        self._setup(spec, load_weights(model, load_state_dict_file(weights_file)), device, batch_size, load_reference(reference_file))
         log.info("loaded model version %s (%s) on %s", spec.version_id, spec.architecture, self.device)
 
-    def _setup(self, spec: ModelSpec, model: nn.Module, device: str, batch_size: int) -> None:
-        self.spec = spec
-        self.device = resolve_device(device)
-        self.batch_size = batch_size
-        self.transform = build_transform(spec.preprocessing, training=False)
+    def _setup(self, spec: ModelSpec, model: nn.Module, device: str, batch_size: int, reference: UnfamiliarReference | None) -> None:
+        self._setup_common(spec, batch_size, reference, resolve_device(device))
         self.model: nn.Module = model.eval().to(self.device)
         if self.device.type == "cuda":
             # Faster convolutions on CUDA. On CPU it is faster too, but this build's channels_last
             # kernels changed outputs far beyond 1e-4 in bench.engine, so CPU stays NCHW.
             self.model = self.model.to(memory_format=torch.channels_last)
 
+    def _setup_common(self, spec: ModelSpec, batch_size: int, reference: UnfamiliarReference | None, device: torch.device) -> None:
+        """What every runtime sets: version, device, batch size, transform and reference."""
+        self.spec = spec
+        self.device = device
+        self.batch_size = batch_size
+        self.transform = build_transform(spec.preprocessing, training=False)
+        self.reference = reference
+
     @classmethod
-    def from_model(cls, spec: ModelSpec, model: nn.Module, device: str = "auto", batch_size: int = 32) -> "Predictor":
+    def from_model(
+        cls, spec: ModelSpec, model: nn.Module, device: str = "auto", batch_size: int = 32, reference: UnfamiliarReference | None = None
+    ) -> "Predictor":
         """A predictor around a model already in memory (the trainer's evaluation), same code path."""
         predictor = cls.__new__(cls)
-        predictor._setup(spec, model, device, batch_size)
+        predictor._setup(spec, model, device, batch_size, reference)
         return predictor
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
@@ -148,32 +163,42 @@ class Predictor:
         return preprocess_batch(images, self.transform)
 
     @torch.inference_mode()
-    def _logits(self, part: torch.Tensor) -> torch.Tensor:
+    def _forward(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, classes], features [N, D])`` of one forward pass (float32, on the CPU)."""
         part = part.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             part = part.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.model(part).float()
-        return self.model(part).float()
+                logits, features = logits_and_features(self.model, part)
+        else:
+            logits, features = logits_and_features(self.model, part)
+        return logits.float().cpu(), features.float().cpu()
+
+    def _logits(self, part: torch.Tensor) -> torch.Tensor:
+        return self._forward(part)[0]
+
+    def predict_outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits ``[N, classes]`` (before temperature) and features ``[N, D]``, in slices."""
+        logits, features = [], []
+        for start in range(0, batch.shape[0], self.batch_size):
+            part_logits, part_features = self._forward(batch[start : start + self.batch_size])
+            logits.append(part_logits.numpy())
+            features.append(part_features.numpy())
+        if not logits:
+            return np.zeros((0, len(self.spec.labels)), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(logits), np.concatenate(features)
 
     def predict_logits(self, batch: torch.Tensor) -> np.ndarray:
         """Raw logits ``[N, classes]`` (before temperature) for a preprocessed batch."""
-        outputs = [self._logits(batch[start : start + self.batch_size]).cpu().numpy() for start in range(0, batch.shape[0], self.batch_size)]
-        if not outputs:
-            return np.zeros((0, len(self.spec.labels)), dtype=np.float32)
-        return np.concatenate(outputs)
+        return self.predict_outputs(batch)[0]
 
-    @torch.inference_mode()
     def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities ``[N, classes]`` for a preprocessed batch, in slices of ``batch_size``."""
-        outputs = []
-        for start in range(0, batch.shape[0], self.batch_size):
-            logits = self._logits(batch[start : start + self.batch_size])
-            probs = probabilities_from_logits(logits, self.spec.temperature)
-            outputs.append(probs.cpu().numpy())
-        if not outputs:
-            return np.zeros((0, len(self.spec.labels)), dtype=np.float32)
-        return np.concatenate(outputs)
+        return probabilities_from_logits(torch.from_numpy(self.predict_logits(batch)), self.spec.temperature).numpy()
+
+    def unfamiliar_scores(self, features: np.ndarray) -> np.ndarray | None:
+        """The unfamiliar-image score of each feature row, or None when the version has no reference."""
+        return None if self.reference is None else self.reference.scores(features)
 
     def predict_images(self, images: list[Image.Image]) -> list[PredictionResult]:
         """Classify decoded images; one result per image, flags from the version's threshold."""
@@ -183,27 +208,52 @@ class Predictor:
         """Classify images already passed through :attr:`transform` (e.g. in decode threads)."""
         if not tensors:
             return []
-        probabilities = self.predict_tensor(torch.stack(tensors))
-        return [flag_result(row, self.spec.labels, self.spec.threshold) for row in probabilities]
+        logits, features = self.predict_outputs(torch.stack(tensors))
+        probabilities = probabilities_from_logits(torch.from_numpy(logits), self.spec.temperature).numpy()
+        scores = self.unfamiliar_scores(features)
+        cut = None if self.reference is None else self.reference.cut
+        return [
+            flag_result(row, self.spec.labels, self.spec.threshold, None if scores is None else float(scores[i]), cut)
+            for i, row in enumerate(probabilities)
+        ]
 
 
 class StandInPredictor(Predictor):
     """Benchmarks only: preprocesses like the real model, then returns fixed logits at no cost.
 
     Used to measure the ceiling of queue, database, storage and decode without a model
-    (``TRIAGE_RUNTIME=standin``); it never serves a real study.
+    (``TRIAGE_RUNTIME=standin``); it never serves a real study and has no unfamiliar-image score.
     """
 
     def __init__(self, spec: ModelSpec, batch_size: int = 32) -> None:
-        self.spec = spec
-        self.device = torch.device("cpu")
-        self.batch_size = batch_size
-        self.transform = build_transform(spec.preprocessing, training=False)
+        self._setup_common(spec, batch_size, None, torch.device("cpu"))
         self._fixed = torch.linspace(1.0, 0.0, len(spec.labels))
         log.warning("stand-in runtime: constant output for model version %s (benchmarks only)", spec.version_id)
 
-    def _logits(self, part: torch.Tensor) -> torch.Tensor:
-        return self._fixed.expand(part.shape[0], -1)
+    def _forward(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fixed.expand(part.shape[0], -1), torch.zeros(part.shape[0], 1)
+
+
+def load_reference(path: Path | None) -> UnfamiliarReference | None:
+    """The unfamiliar-image reference stored at ``path`` (None: the version has none)."""
+    return None if path is None else UnfamiliarReference.load(path)
+
+
+def spec_reference_file(spec: ModelSpec, settings: Settings) -> Path | None:
+    """Where the version's unfamiliar-image reference lives, after checking its sha256.
+
+    Raises:
+        ReferenceError: when the stored file is missing or its content does not match the registry.
+    """
+    from core.registry import reference_path
+    from core.storage import sha256_file
+
+    if spec.reference_sha256 is None:
+        return None
+    path = reference_path(settings, spec.reference_sha256)
+    if not path.is_file() or sha256_file(path) != spec.reference_sha256:
+        raise ReferenceError(f"the unfamiliar-image reference of model version {spec.version_id} is missing or altered ({path})")
+    return path
 
 
 def load_predictor(spec: ModelSpec, settings: Settings) -> Predictor:
@@ -227,4 +277,7 @@ def load_predictor(spec: ModelSpec, settings: Settings) -> Predictor:
             return OnnxPredictor.for_spec(spec, settings.model_copy(update={"runtime": "onnx"}))
         except Exception:  # the exporter raises many types; PyTorch serves the same numbers
             log.exception("ONNX export of model version %s failed; serving it with PyTorch", spec.version_id)
-    return Predictor(spec, weights_path(settings, spec.weights_sha256), device=settings.device, batch_size=settings.batch_size)
+    return Predictor(
+        spec, weights_path(settings, spec.weights_sha256), device=settings.device, batch_size=settings.batch_size,
+        reference_file=spec_reference_file(spec, settings),
+    )

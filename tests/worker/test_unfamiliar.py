@@ -1,0 +1,131 @@
+"""The unfamiliar-image flag: fitted at training, stored by sha256, computed by every runtime.
+
+The model is the one ``scripts/run`` trains as its demo (test_resnet on the synthetic set), so the
+first test is also the product's promise about the demo: real radiographs are not its world.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core import registry
+from core.config import Settings
+from core.db import Database
+from core.imaging import decode_image
+from core.ml.onnx_runtime import OnnxPredictor, quantize_int8
+from core.ml.predict import FLAG_UNFAMILIAR, load_predictor
+from core.ml.unfamiliar import ReferenceError, UnfamiliarReference
+from core.storage import sha256_file
+from tests.conftest import xray_sample
+from trainer.config import resolve_config
+from trainer.synthetic import generate_dataset
+from trainer.train import RunResult, register_run, run_training
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    """The demo recipe of ``triage demo``: test_resnet, 64 px, 12 epochs on synthetic images."""
+    root = tmp_path_factory.mktemp("unfamiliar")
+    generate_dataset(root / "data", per_class=150, image_size=64, seed=0)
+    config = resolve_config("test_resnet", overrides={"image_size": 64, "epochs": 12})
+    return run_training(root / "data", config, root / "run")
+
+
+def _registered(db: Database, settings: Settings, run: RunResult) -> registry.ModelSpec:
+    version_id = register_run(run, db, settings, "demo with reference", promote=True, demo=True)
+    with db.transaction() as session:
+        return registry.ModelSpec.from_version(registry.get_version(session, version_id))
+
+
+def _photographs() -> list[Image.Image]:
+    """Ordinary pictures that are not radiographs: scikit-image's sample photographs and drawings."""
+    data = pytest.importorskip("skimage.data")
+    names = ["astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
+             "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina",
+             "rocket", "text"]
+    pictures = []
+    for name in names:
+        array = np.asarray(getattr(data, name)())
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * 255
+        pictures.append(Image.fromarray(array.astype(np.uint8)).convert("RGB"))
+    return pictures
+
+
+def test_demo_model_flags_real_radiographs_and_photographs_as_unfamiliar(
+    demo_run: RunResult, db: Database, settings: Settings, xrays_dir: Path
+) -> None:
+    spec = _registered(db, settings, demo_run)
+    predictor = load_predictor(spec, settings)  # the CPU default: ONNX Runtime fp32
+    assert isinstance(predictor, OnnxPredictor)
+    synthetic = [decode_image(p.read_bytes(), 10**8) for p in sorted((Path(demo_run.extra["data_dir"]) / "test").glob("*/*.png"))]
+    radiographs = [decode_image(p.read_bytes(), 10**8) for p in xray_sample(xrays_dir, 60)]
+    photographs = _photographs()
+
+    def unfamiliar_share(images: list[Image.Image]) -> float:
+        results = predictor.predict_images(images)
+        assert all(r.unfamiliar_score is not None for r in results)
+        assert all((r.flag_kind == FLAG_UNFAMILIAR) == r.flag_reason.startswith("Unfamiliar") for r in results if r.flagged)
+        return sum(r.flag_kind == FLAG_UNFAMILIAR for r in results) / len(results)
+
+    assert unfamiliar_share(radiographs) >= 0.95
+    assert unfamiliar_share(photographs) >= 0.95
+    # its own kind of image stays familiar: about 1 - quantile (2.5 %) of held-out synthetic images
+    assert unfamiliar_share(synthetic) <= 0.15
+    assert demo_run.metrics["test"]["unfamiliar_rate"] <= 0.15
+
+
+def test_reference_round_trips_through_the_registry_and_is_checked(
+    demo_run: RunResult, db: Database, settings: Settings
+) -> None:
+    spec = _registered(db, settings, demo_run)
+    assert demo_run.reference_file is not None
+    assert spec.reference_sha256 == sha256_file(demo_run.reference_file)
+    fitted = UnfamiliarReference.load(demo_run.reference_file)
+    served = load_predictor(spec, settings.model_copy(update={"runtime": "torch"})).reference
+    assert served is not None
+    assert np.array_equal(served.means, fitted.means) and np.array_equal(served.precision, fitted.precision)
+    assert served.cut == fitted.cut == pytest.approx(demo_run.metrics["unfamiliar"]["cut"])
+    with db.transaction() as session:
+        stored = registry.get_version(session, spec.version_id)
+        assert stored.metrics["unfamiliar"]["quantile"] == pytest.approx(0.975)
+        assert stored.metrics["guarantee"]["delta"] == pytest.approx(0.05)
+
+    path = registry.reference_path(settings, spec.reference_sha256)
+    path.chmod(0o644)
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ReferenceError, match="missing or altered"):
+        load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
+
+
+def test_every_runtime_returns_the_score_from_its_one_forward_pass(
+    demo_run: RunResult, db: Database, settings: Settings, xrays_dir: Path
+) -> None:
+    spec = _registered(db, settings, demo_run)
+    torch_predictor = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
+    onnx_predictor = load_predictor(spec, settings.model_copy(update={"runtime": "onnx"}))
+    pictures = [decode_image(p.read_bytes(), 10**8) for p in xray_sample(xrays_dir, 8)]
+    pictures += [decode_image(p.read_bytes(), 10**8) for p in sorted((Path(demo_run.extra["data_dir"]) / "val").glob("*/*.png"))[:8]]
+    batch = torch_predictor.preprocess(pictures)
+    torch_logits, torch_features = torch_predictor.predict_outputs(batch)
+    onnx_logits, onnx_features = onnx_predictor.predict_outputs(batch)
+    assert np.abs(torch_logits - onnx_logits).max() <= 1e-4
+    torch_scores = torch_predictor.unfamiliar_scores(torch_features)
+    onnx_scores = onnx_predictor.unfamiliar_scores(onnx_features)
+    assert np.allclose(torch_scores, onnx_scores, rtol=1e-3, atol=1e-3)
+    cut = torch_predictor.reference.cut
+    assert np.array_equal(torch_scores > cut, onnx_scores > cut)
+
+    build = quantize_int8(settings, spec, pictures, batch_size=4)
+    assert build.installed
+    int8 = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))
+    int8_results = int8.predict_preprocessed(list(batch))
+    assert all(r.unfamiliar_score is not None for r in int8_results)
+    # int8 features are close enough to keep every clearly unfamiliar radiograph unfamiliar
+    clear = torch_scores > 2 * cut
+    assert all(r.flag_kind == FLAG_UNFAMILIAR for r, is_clear in zip(int8_results, clear) if is_clear)
