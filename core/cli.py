@@ -155,11 +155,15 @@ def _ensure_demo_model(settings: Settings, env: dict[str, str], train_data: Path
         if not (data / "train").is_dir():
             print("no model yet: generating a synthetic demo data set (not real radiographs)…")
             subprocess.run([sys.executable, "-m", "trainer", "synth", "--out", str(data), "--per-class", "150", "--image-size", "64"], env=env, check=True)
-    print(f"training a small demo model on {data} (demo, not for clinical use; about a minute on CPU)…")
+    if train_data is None:
+        print(f"training a small demo model on {data} (demo, not for clinical use; about a minute on CPU)…")
+        recipe = ["--arch", "test_resnet", "--image-size", "64", "--epochs", "12", "--name", "demo model (synthetic data)"]
+    else:
+        print(f"fine-tuning pretrained EfficientNet-Lite0 on {data} with the cpu recipe (under 30 minutes on 2 CPU cores)…")
+        recipe = ["--recipe", "cpu", "--name", f"EfficientNet-Lite0, recipe cpu, on {data.name}"]
     subprocess.run(
-        [sys.executable, "-m", "trainer", "train", "--data", str(data), "--arch", "test_resnet",
-         "--image-size", "64", "--epochs", "12", "--out", str(settings.data_dir / "runs" / "demo"),
-         "--register", "--promote", "--demo", "--name", "demo model (synthetic data)"],
+        [sys.executable, "-m", "trainer", "train", "--data", str(data), *recipe, "--out", str(settings.data_dir / "runs" / "demo"),
+         "--register", "--promote", "--demo"],
         env=env, check=True,
     )
 

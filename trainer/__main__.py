@@ -2,9 +2,10 @@
 
     python -m trainer synth --out DIR [--per-class N] [--image-size PX] [--seed S] [--splits train=.7,val=.15,test=.15]
     python -m trainer check --data DIR
-    python -m trainer train --data DIR --arch ARCH [--epochs N] [--image-size PX] [--batch-size B]
-                            [--config FILE.yaml] [--out RUN_DIR] [--resume] [--pretrained none|hub|PATH]
-                            [--register] [--promote] [--demo] [--name NAME] [--allow-leakage]
+    python -m trainer train --data DIR [--recipe cpu] [--arch ARCH] [--epochs N] [--image-size PX]
+                            [--batch-size B] [--config FILE.yaml] [--out RUN_DIR] [--resume]
+                            [--pretrained none|package|hub|PATH] [--leakage drop|refuse|allow]
+                            [--register] [--promote] [--demo] [--name NAME]
     python -m trainer evaluate --version ID --data DIR [--split test]
     python -m trainer export-reviews --out DIR
 """
@@ -60,15 +61,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_file = run_dir / "config.yaml"
     config = resolve_config(
         config_file=config_file,
+        recipe=args.recipe,
         overrides={
             "arch": args.arch, "epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size,
             "pretrained": args.pretrained, "seed": args.seed, "max_per_class": args.max_per_class, "lr": args.lr,
+            "leakage": "allow" if args.allow_leakage else args.leakage, "target_error": args.target_error,
         },
     )
     if not args.resume and (run_dir / "checkpoint.pt").exists():
         log.warning("%s holds an earlier run's checkpoint; starting afresh (use --resume to continue it)", run_dir)
     result = run_training(
-        Path(args.data), config, run_dir, resume=args.resume, allow_leakage=args.allow_leakage,
+        Path(args.data), config, run_dir, resume=args.resume,
         max_pixels=settings.max_image_pixels,
     )
     print(f"artifacts: {result.run_dir.resolve()} (model.safetensors, metrics.json, config.yaml, plots)")
@@ -126,14 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train, evaluate, calibrate and optionally register a model")
     train.add_argument("--data", required=True)
-    train.add_argument("--arch", default=None, help="any timm architecture (default from config)")
+    train.add_argument("--recipe", default=None, help="a named recipe: cpu (pretrained EfficientNet-Lite0, <= 30 min on 2 CPU cores)")
+    train.add_argument("--arch", default=None, help="any timm architecture (default from recipe or config)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--image-size", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
     train.add_argument("--seed", type=int)
     train.add_argument("--max-per-class", type=int, help="subsample each split and class (quick runs)")
-    train.add_argument("--pretrained", default=None, help="none (default), hub, or a .safetensors/.pth file")
+    train.add_argument(
+        "--pretrained", default=None,
+        help="none (default), package (installed weights package, no network), hub, or a .safetensors/.pth file",
+    )
+    train.add_argument("--target-error", type=float, help="certified error among unflagged images (default 0.05)")
     train.add_argument("--config", help="YAML file overriding the recipe")
     train.add_argument("--out", help="run folder (default: DATA_DIR/runs/<time>-<arch>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -141,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--promote", action="store_true", help="register and make it the production version")
     train.add_argument("--demo", action="store_true", help="mark the version as a demo (not for clinical use)")
     train.add_argument("--name", help="version name")
-    train.add_argument("--allow-leakage", action="store_true", help="train even when images leak across splits")
+    train.add_argument(
+        "--leakage", choices=("drop", "refuse", "allow"), default=None,
+        help="images duplicated across splits: drop them from train/val (default), refuse to train, or allow",
+    )
+    train.add_argument("--allow-leakage", action="store_true", help="same as --leakage allow")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a registered version on a data folder")

@@ -2,7 +2,9 @@
 
 The worker flags an image when its top (temperature-scaled) probability is below the version's
 threshold (:func:`core.ml.predict.flag_result`); here the threshold is chosen on validation data
-from a stated target, so its meaning is known before the model serves.
+with a stated guarantee: the error among unflagged images is at most the target with probability
+``1 - delta`` (a Clopper–Pearson bound, selection with guaranteed risk), so its meaning is known
+before the model serves.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from core.stats import clopper_pearson_upper
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,12 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, low: float = 0.05, 
 
 @dataclass(frozen=True)
 class ThresholdChoice:
-    """The chosen threshold and what it gives on the split it was chosen on."""
+    """The chosen threshold and what it gives on the split it was chosen on.
+
+    For an error target, ``bound`` is the one-sided Clopper–Pearson upper bound (level
+    ``1 - delta``, Bonferroni-corrected over the thresholds tested) on the error among the
+    unflagged images; ``met`` (certified) when it is at most the target.
+    """
 
     threshold: float
     target: str
@@ -66,64 +75,129 @@ class ThresholdChoice:
     coverage: float
     error_unflagged: float
     flag_rate: float
+    bound: float = 1.0
+    delta: float = 0.05
+    n: int = 0
 
-    def to_dict(self) -> dict[str, float | str | bool]:
+    def to_dict(self) -> dict[str, float | str | bool | int]:
         """Plain data for JSON and the registry."""
         return asdict(self)
 
 
-def flag_stats(probs: np.ndarray, targets: np.ndarray, threshold: float) -> tuple[float, float, float]:
-    """``(coverage, error among unflagged, flag rate)`` when flagging top probability < threshold."""
+def flag_stats(probs: np.ndarray, targets: np.ndarray, threshold: float, eligible: np.ndarray | None = None) -> tuple[float, float, float]:
+    """``(coverage, error among unflagged, flag rate)`` when flagging top probability < threshold.
+
+    ``eligible``: images not flagged for another reason (unfamiliar); the others count as flagged.
+    """
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == targets
     unflagged = confidence >= threshold
+    if eligible is not None:
+        unflagged &= np.asarray(eligible, dtype=bool)
     coverage = float(unflagged.mean()) if len(targets) else 0.0
     error = float(1.0 - correct[unflagged].mean()) if unflagged.any() else 0.0
     return coverage, error, 1.0 - coverage
 
 
-def choose_threshold(
-    probs: np.ndarray, targets: np.ndarray, target: str = "error", target_error: float = 0.01, target_flag_rate: float = 0.1
-) -> ThresholdChoice:
-    """Choose the flag threshold on (calibrated) validation probabilities.
+def point_estimate_threshold(confidence: np.ndarray, correct: np.ndarray, target_error: float) -> float:
+    """The lowest threshold whose *observed* error among unflagged images is at most the target.
 
-    ``target="error"``: the lowest threshold (most images left unflagged) whose error among
-    unflagged images is at most ``target_error``; when no threshold reaches it, 1.0 (flag all).
-    ``target="flag_rate"``: the lowest threshold that flags at most ``target_flag_rate`` of images.
+    This is what earlier versions used: it promises nothing beyond the validation images (on
+    fresh data it exceeds the target about half the time; see :func:`certified_threshold`).
+    Returns 1.0 when no threshold reaches the target.
     """
-    probs = np.asarray(probs, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.int64)
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == targets
     order = np.argsort(-confidence, kind="stable")
     sorted_conf = confidence[order]
     errors = np.cumsum(~correct[order])
     count = np.arange(1, len(order) + 1)
-    if target == "error":
-        # candidate thresholds are the observed confidences; leaving the top k unflagged works only
-        # where the next confidence is strictly lower (ties are flagged or kept together)
-        ok = (errors / count <= target_error + 1e-12) & np.append(sorted_conf[1:] < sorted_conf[:-1], True)
-        found = bool(ok.any())
-        if found:
-            k = int(np.nonzero(ok)[0].max())
-            threshold = float(sorted_conf[k])
+    # leaving the top k unflagged works only where the next confidence is strictly lower (ties go together)
+    ok = (errors / count <= target_error + 1e-12) & np.append(sorted_conf[1:] < sorted_conf[:-1], True)
+    return float(sorted_conf[int(np.nonzero(ok)[0].max())]) if ok.any() else 1.0
+
+
+def certified_threshold(confidence: np.ndarray, correct: np.ndarray, target_error: float, delta: float = 0.05) -> tuple[float, float]:
+    """Selection with guaranteed risk (Geifman & El-Yaniv 2017): ``(threshold, bound)``.
+
+    Binary search over the sorted confidences for the lowest threshold (most images left
+    unflagged) whose one-sided Clopper–Pearson upper bound on the error among unflagged images is
+    at most ``target_error``; each of the ``ceil(log2 n)`` tested thresholds uses ``delta / steps``,
+    so with probability at least ``1 - delta`` every tested bound holds at once and the error among
+    unflagged images of fresh data from the same distribution is at most the target. Returns
+    ``(1.0, bound of the smallest set tried)`` when no threshold can be certified.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    n = len(confidence)
+    if n == 0:
+        return 1.0, 1.0
+    order = np.argsort(-confidence, kind="stable")
+    sorted_conf = confidence[order]
+    errors = np.cumsum(~correct[order])
+    steps = max(1, math.ceil(math.log2(n)))
+    level = delta / steps
+
+    def bound_at(index: int) -> tuple[float, float]:
+        """Threshold and bound when the images down to sorted position ``index`` (with ties) pass."""
+        threshold = sorted_conf[index]
+        kept = int(np.searchsorted(-sorted_conf, -threshold, side="right"))  # all with confidence >= threshold
+        return float(threshold), clopper_pearson_upper(int(errors[kept - 1]), kept, level)
+
+    low, high = 0, n - 1
+    best: tuple[float, float] | None = None
+    smallest_bound = 1.0
+    for _ in range(steps):
+        if low > high:
+            break
+        middle = (low + high + 1) // 2
+        threshold, bound = bound_at(middle)
+        smallest_bound = min(smallest_bound, bound)
+        if bound <= target_error:
+            best = (threshold, bound)
+            low = middle + 1
         else:
-            threshold = 1.0
+            high = middle - 1
+    return best if best is not None else (1.0, smallest_bound)
+
+
+def choose_threshold(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    target: str = "error",
+    target_error: float = 0.05,
+    target_flag_rate: float = 0.1,
+    delta: float = 0.05,
+    eligible: np.ndarray | None = None,
+) -> ThresholdChoice:
+    """Choose the flag threshold on (calibrated) validation probabilities.
+
+    ``target="error"``: the lowest threshold whose error among unflagged images is *certified* at
+    most ``target_error`` with probability ``1 - delta`` (:func:`certified_threshold`); when none
+    is, 1.0 (flag all). ``target="flag_rate"``: the lowest threshold that flags at most
+    ``target_flag_rate`` of images. ``eligible``: images not flagged as unfamiliar (only they can
+    be left unflagged, so only they enter the certificate).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    eligible_mask = np.ones(len(targets), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == targets
+    bound = 1.0
+    if target == "error":
+        threshold, bound = certified_threshold(confidence[eligible_mask], correct[eligible_mask], target_error, delta)
         target_value = target_error
     elif target == "flag_rate":
-        found = True
+        order = np.sort(confidence)[::-1]
         allowed_flags = int(math.floor(target_flag_rate * len(order) + 1e-9))
         keep = len(order) - allowed_flags
-        if keep <= 0:
-            threshold = 1.0
-        else:
-            threshold = float(sorted_conf[keep - 1])
+        threshold = 1.0 if keep <= 0 else float(order[keep - 1])
         target_value = target_flag_rate
     else:
         raise ValueError(f"unknown threshold target {target!r}; use error or flag_rate")
-    coverage, error, flag_rate = flag_stats(probs, targets, threshold)
+    coverage, error, flag_rate = flag_stats(probs, targets, threshold, eligible_mask)
     # flagging everything meets an error target only vacuously: report it as not met
-    met = (found and error <= target_value + 1e-12) if target == "error" else flag_rate <= target_value + 1e-12
+    met = (bound <= target_value + 1e-12 and threshold < 1.0) if target == "error" else flag_rate <= target_value + 1e-12
     if not met:
-        log.warning("threshold target %s <= %.3f not reachable on validation; threshold %.4f", target, target_value, threshold)
-    return ThresholdChoice(threshold, target, float(target_value), bool(met), coverage, error, flag_rate)
+        log.warning("threshold target %s <= %.3f not certified on validation; threshold %.4f", target, target_value, threshold)
+    return ThresholdChoice(
+        float(threshold), target, float(target_value), bool(met), coverage, error, flag_rate, float(bound), float(delta), int(eligible_mask.sum())
+    )

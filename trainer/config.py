@@ -27,6 +27,33 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
 #: timm's tiny ``test_*`` models train from scratch (demos, tests): smaller batches, higher lr.
 PREFIX_PRESETS: dict[str, dict[str, Any]] = {"test_": {"batch_size": 16, "lr": 3e-3}}
 
+#: Named recipes (``--recipe NAME``): whole, measured training setups.
+RECIPES: dict[str, dict[str, Any]] = {
+    # Fine-tunes ImageNet weights from an installed package (no hub) on a 2-core CPU in under 30
+    # minutes: EfficientNet-Lite0 at 192 px, AdamW with a one-cycle schedule, flips and small
+    # rotations only. Measured in bench/README.md ("Training recipe cpu").
+    "cpu": {
+        "arch": "tf_efficientnet_lite0",
+        "pretrained": "package",
+        "image_size": 192,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "batch_size": 32,
+        "epochs": 9,
+        "lr": 1e-3,
+        "weight_decay": 1e-2,
+        "optimizer": "adamw",
+        "schedule": "onecycle",
+        "warmup_fraction": 0.15,
+        "drop_rate": 0.2,
+        "early_stopping_patience": 100,
+        "augmentation": {
+            "rotation_degrees": 10.0, "hflip_p": 0.5, "brightness": 0.15, "contrast": 0.15,
+            "affine_scale": [0.9, 1.1], "affine_translate": 0.05, "affine_shear": 0.0, "blur_p": 0.0,
+        },
+    },
+}
+
 
 def arch_preset(arch: str) -> dict[str, Any]:
     """Preset settings for ``arch`` (exact name first, then name prefix)."""
@@ -47,7 +74,8 @@ class TrainConfig:
     """Every knob of a training run; the defaults reproduce the original project's recipe."""
 
     arch: str = "tf_efficientnetv2_s.in21k_ft_in1k"
-    pretrained: str = "none"  # "none", "hub", or a path to a .safetensors/.pth file
+    recipe: str | None = None  # the named recipe these settings started from, if any
+    pretrained: str = "none"  # "none", "package", "hub", or a path to a .safetensors/.pth file
     image_size: int = 224
     interpolation: str = "bilinear"
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -57,6 +85,10 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     drop_rate: float = 0.0
+    optimizer: str = "adam"  # "adam" or "adamw"
+    schedule: str = "plateau"  # "plateau" (ReduceLROnPlateau on val accuracy) or "onecycle"
+    warmup_fraction: float = 0.15  # onecycle: share of the steps spent warming up
+    label_smoothing: float = 0.0
     plateau_factor: float = 0.5
     plateau_patience: int = 3
     min_lr: float = 1e-7
@@ -64,8 +96,11 @@ class TrainConfig:
     seed: int = 42
     balance: str = "sampler"  # "sampler" (weighted sampler), "loss" (class weights) or "none"
     augmentation: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AUGMENTATION))
-    threshold_target: str = "error"  # "error": error among unflagged <= target_error; "flag_rate"
-    target_error: float = 0.01
+    leakage: str = "drop"  # cross-split duplicates: "drop" from train/val, "refuse" to train, or "allow"
+    threshold_target: str = "error"  # "error": certified error among unflagged <= target_error; "flag_rate"
+    target_error: float = 0.05
+    delta: float = 0.05  # the certificate holds with probability >= 1 - delta
+    unfamiliar_quantile: float = 0.975  # the unfamiliar cut: this quantile of validation scores
     target_flag_rate: float = 0.1
     ece_bins: int = 15
     max_per_class: int | None = None  # subsample each split/class (quick runs); None: all
@@ -73,6 +108,11 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        for name, allowed in (("optimizer", ("adam", "adamw")), ("schedule", ("plateau", "onecycle")), ("leakage", ("drop", "refuse", "allow"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigFileError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 < self.delta < 1.0 or not 0.5 <= self.unfamiliar_quantile < 1.0:
+            raise ConfigFileError("delta must be in (0, 1) and unfamiliar_quantile in [0.5, 1)")
         if self.balance not in ("sampler", "loss", "none"):
             raise ConfigFileError(f"balance must be sampler, loss or none, got {self.balance!r}")
         if self.threshold_target not in ("error", "flag_rate"):
@@ -120,19 +160,33 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    arch: str | None = None, config_file: Path | None = None, overrides: dict[str, Any] | None = None
+    arch: str | None = None,
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    recipe: str | None = None,
 ) -> TrainConfig:
-    """Defaults < preset for the architecture < config file < explicit overrides (``None`` ignored)."""
+    """Defaults < named recipe < preset for the architecture < config file < explicit overrides.
+
+    Raises:
+        ConfigFileError: on an unknown recipe or invalid settings.
+    """
     file_values = read_config_file(config_file) if config_file else {}
     cli_values = {key: value for key, value in (overrides or {}).items() if value is not None}
-    chosen_arch = cli_values.get("arch") or arch or file_values.get("arch") or TrainConfig.arch
-    values: dict[str, Any] = {"arch": chosen_arch}
+    recipe = recipe or file_values.get("recipe")
+    if recipe is not None and recipe not in RECIPES:
+        raise ConfigFileError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
+    recipe_values = dict(RECIPES[recipe]) if recipe else {}
+    chosen_arch = cli_values.get("arch") or arch or file_values.get("arch") or recipe_values.get("arch") or TrainConfig.arch
+    values: dict[str, Any] = {"recipe": recipe}
+    values.update(recipe_values)
     values.update(arch_preset(chosen_arch))
     values.update(file_values)
     values.update(cli_values)
     values["arch"] = chosen_arch
+    augmentation = {**recipe_values.get("augmentation", {})}
     if "augmentation" in file_values and isinstance(file_values["augmentation"], dict):
-        values["augmentation"] = {**DEFAULT_AUGMENTATION, **file_values["augmentation"]}
+        augmentation.update(file_values["augmentation"])
+    values["augmentation"] = {**DEFAULT_AUGMENTATION, **augmentation}
     try:
         return TrainConfig(**values)
     except TypeError as exc:

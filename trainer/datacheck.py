@@ -100,6 +100,35 @@ class DataCheckReport:
         """Whether any image (exactly or nearly) appears in more than one split."""
         return bool(self.cross_split_exact or self.near_duplicates)
 
+    def files_to_drop(self) -> dict[str, set[str]]:
+        """Files (relative paths, per split) to leave out so that no split leaks into a later one.
+
+        Of each cross-split exact group or near-duplicate pair, the copies in the earlier split are
+        dropped (train before val before test: the test split stays whole, so its figures stay
+        comparable); identical images carrying different labels are dropped from train and val.
+        """
+        rank = {split: index for index, split in enumerate(SPLITS)}
+        drop: dict[str, set[str]] = {split: set() for split in SPLITS}
+
+        def split_of(path: str) -> str:
+            return path.split("/", 1)[0]
+
+        for group in self.cross_split_exact:
+            keep = max(group["splits"], key=lambda split: rank.get(split, -1))
+            for path, split in zip(group["files"], group["splits"]):
+                if split != keep and split in drop:
+                    drop[split].add(path)
+        for pair in self.near_duplicates:
+            a, b = pair["a"], pair["b"]
+            earlier = a if rank.get(split_of(a), -1) < rank.get(split_of(b), -1) else b
+            if split_of(earlier) in drop:
+                drop[split_of(earlier)].add(earlier)
+        for conflict in self.label_conflicts:
+            for path in conflict["files"]:
+                if split_of(path) in ("train", "val"):
+                    drop[split_of(path)].add(path)
+        return {split: files for split, files in drop.items() if files}
+
     def leakage_summary(self) -> str:
         """One phrase: how many cross-split groups of each kind."""
         return f"{len(self.cross_split_exact)} exact duplicate group(s) and {len(self.near_duplicates)} near-duplicate pair(s) across splits"

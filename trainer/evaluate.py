@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from core.ml.predict import flag_result
+from core.ml.predict import FLAG_UNFAMILIAR, FLAG_UNSURE, flag_result
+from core.stats import clopper_pearson_interval, clopper_pearson_upper
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,19 @@ def macro_auc(probs: np.ndarray, targets: np.ndarray, num_classes: int) -> float
 
 
 def classification_report(
-    probs: np.ndarray, targets: np.ndarray, labels: list[str], threshold: float, ece_bins: int = 15
+    probs: np.ndarray,
+    targets: np.ndarray,
+    labels: list[str],
+    threshold: float,
+    ece_bins: int = 15,
+    unfamiliar_scores: np.ndarray | None = None,
+    unfamiliar_cut: float | None = None,
 ) -> dict[str, Any]:
     """Every number of the report for one split, from (temperature-scaled) probabilities.
 
-    Flags use :func:`core.ml.predict.flag_result`, the worker's rule.
+    Flags use :func:`core.ml.predict.flag_result`, the worker's rule (unfamiliar first, then
+    unsure). The error among unflagged images comes with its exact 95 % interval and one-sided
+    95 % upper bound (Clopper–Pearson), so a test figure says how far it can be trusted.
     """
     probs = np.asarray(probs, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
@@ -82,13 +91,19 @@ def classification_report(
     precision, recall, f1, support = precision_recall_fscore_support(
         targets, predicted, labels=list(range(n)), zero_division=0
     )
-    results = [flag_result(row, labels, threshold) for row in probs]
+    scores = [None] * len(targets) if unfamiliar_scores is None else [float(v) for v in unfamiliar_scores]
+    results = [flag_result(row, labels, threshold, score, unfamiliar_cut) for row, score in zip(probs, scores)]
     flagged = np.array([r.flagged for r in results], dtype=bool)
+    kinds = np.array([r.flag_kind or "" for r in results])
     correct = predicted == targets
     unflagged = ~flagged
+    errors_unflagged = int((~correct[unflagged]).sum())
+    low, high = clopper_pearson_interval(errors_unflagged, int(unflagged.sum()), 0.95)
     per_class_flag = {
         label: float(flagged[targets == i].mean()) if (targets == i).any() else 0.0 for i, label in enumerate(labels)
     }
+    auc = macro_auc(probs, targets, n) if len(targets) else None
+    share = (lambda mask: float(mask.mean())) if len(targets) else (lambda mask: 0.0)
     return {
         "n": int(len(targets)),
         "accuracy": float(accuracy_score(targets, predicted)) if len(targets) else 0.0,
@@ -98,13 +113,21 @@ def classification_report(
         },
         "macro_f1": float(np.mean(f1)),
         "confusion_matrix": confusion_matrix(targets, predicted, labels=list(range(n))).tolist(),
-        "auc_macro_ovr": macro_auc(probs, targets, n) if len(targets) else None,
+        "auc_macro_ovr": auc,
+        "auc": auc,
         "ece": expected_calibration_error(probs, targets, ece_bins),
         "reliability": reliability_bins(probs, targets, ece_bins) if len(targets) else [],
         "threshold": float(threshold),
-        "coverage": float(unflagged.mean()) if len(targets) else 0.0,
+        "unfamiliar_cut": unfamiliar_cut,
+        "coverage": share(unflagged),
+        "unflagged": int(unflagged.sum()),
+        "errors_unflagged": errors_unflagged,
         "error_unflagged": float(1.0 - correct[unflagged].mean()) if unflagged.any() else 0.0,
-        "flag_rate": float(flagged.mean()) if len(targets) else 0.0,
+        "error_unflagged_interval": [low, high],
+        "error_unflagged_bound": clopper_pearson_upper(errors_unflagged, int(unflagged.sum()), 0.05),
+        "flag_rate": share(flagged),
+        "flag_rate_by_reason": {FLAG_UNSURE: share(kinds == FLAG_UNSURE), FLAG_UNFAMILIAR: share(kinds == FLAG_UNFAMILIAR)},
+        "unfamiliar_rate": share(kinds == FLAG_UNFAMILIAR),
         "flag_rate_per_class": per_class_flag,
     }
 
@@ -116,7 +139,9 @@ def format_report(report: dict[str, Any], labels: list[str], title: str = "test"
         f"{title}: n={report['n']} accuracy={report['accuracy']:.4f} macro-F1={report['macro_f1']:.4f} "
         f"AUC={'n/a' if auc is None else f'{auc:.4f}'} ECE={report['ece']:.4f}",
         f"  threshold={report['threshold']:.4f} coverage={report['coverage']:.3f} "
-        f"error among unflagged={report['error_unflagged']:.4f} flag rate={report['flag_rate']:.3f}",
+        f"error among unflagged={report['error_unflagged']:.4f} (95% interval {report['error_unflagged_interval'][0]:.4f}-"
+        f"{report['error_unflagged_interval'][1]:.4f}) flag rate={report['flag_rate']:.3f} "
+        f"(unsure {report['flag_rate_by_reason'][FLAG_UNSURE]:.3f}, unfamiliar {report['unfamiliar_rate']:.3f})",
     ]
     for label in labels:
         row = report["per_class"][label]
@@ -206,7 +231,8 @@ def evaluate_version(db: Any, settings: Any, version_id: int, data_dir: Path, sp
         DataError: when a class folder is not one of the version's labels.
     """
     from core import registry
-    from core.ml.predict import Predictor
+    from core.ml.predict import load_predictor
+    from trainer.calibrate import softmax
     from trainer.data import DataError, eval_tensors, list_samples
 
     with db.transaction() as session:
@@ -216,9 +242,12 @@ def evaluate_version(db: Any, settings: Any, version_id: int, data_dir: Path, sp
     samples = list_samples(root, split_name, spec.labels)
     if not samples:
         raise DataError(f"no images found in {root / split_name}")
-    predictor = Predictor(spec, registry.weights_path(settings, spec.weights_sha256), device=settings.device, batch_size=settings.batch_size)
+    predictor = load_predictor(spec, settings)  # the runtime the workers use (TRIAGE_RUNTIME)
     images, targets, _ = eval_tensors(samples, spec.preprocessing, settings.max_image_pixels)
-    probs = predictor.predict_tensor(images)
-    report = classification_report(probs, targets.numpy(), spec.labels, spec.threshold)
+    logits, features = predictor.predict_outputs(images)
+    probs = softmax(logits, spec.temperature)
+    scores = predictor.unfamiliar_scores(features)
+    cut = predictor.reference.cut if predictor.reference is not None else None
+    report = classification_report(probs, targets.numpy(), spec.labels, spec.threshold, unfamiliar_scores=scores, unfamiliar_cut=cut)
     report["version_id"] = version_id
     return report, spec.labels

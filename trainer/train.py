@@ -29,7 +29,8 @@ from tqdm import tqdm
 from core.ml.modelio import build_model, save_weights
 from core.ml.predict import Predictor, resolve_device
 from core.registry import ModelSpec
-from trainer.calibrate import choose_threshold, fit_temperature, softmax
+from core.ml.unfamiliar import UnfamiliarReference, fit_reference
+from trainer.calibrate import ThresholdChoice, choose_threshold, fit_temperature, softmax
 from trainer.config import TrainConfig, save_config
 from trainer.data import (
     DEFAULT_MAX_PIXELS,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
+REFERENCE = "unfamiliar_reference.safetensors"
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -123,6 +125,22 @@ def _validate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, bat
     return total_loss / n, correct / n
 
 
+def _optimizer_and_schedule(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer and learning-rate schedule the config names (one-cycle steps per batch)."""
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "onecycle":
+        scheduler: Any = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=max(steps_per_epoch, 1),
+            pct_start=config.warmup_fraction, anneal_strategy="cos",
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience, min_lr=config.min_lr
+        )
+    return optimizer, scheduler
+
+
 @dataclass
 class FitResult:
     """What the fit loop produced (the model itself carries the restored best weights)."""
@@ -158,15 +176,10 @@ def fit(
         TrainingError: on a NaN/inf loss, or a checkpoint whose config differs from ``config``.
     """
     device = resolve_device(config.device)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience, min_lr=config.min_lr
-    )
+    # channels_last trains about twice as fast on CPU too (bench/README.md); serving keeps its own layout.
+    model.to(device).to(memory_format=torch.channels_last)
     weight = class_weights(train_set.samples, num_classes).to(device) if config.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     if config.balance == "sampler":
         loader = DataLoader(
             train_set, batch_size=config.batch_size, sampler=weighted_sampler(train_set.samples, num_classes, generator),
@@ -174,6 +187,8 @@ def fit(
         )
     else:
         loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers, generator=generator)
+    optimizer, scheduler = _optimizer_and_schedule(model, config, steps_per_epoch=len(loader))
+    per_step = config.schedule == "onecycle"
 
     checkpoint_path = run_dir / CHECKPOINT
     history: list[dict[str, float]] = []
@@ -207,8 +222,7 @@ def fit(
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x)
@@ -220,12 +234,15 @@ def fit(
                 )
             loss.backward()
             optimizer.step()
+            if per_step:
+                scheduler.step()
             seen += len(y)
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         val_loss, val_acc = _validate(model, val_images, val_targets, config.batch_size * 2, device)
-        scheduler.step(val_acc)
+        if not per_step:
+            scheduler.step(val_acc)
         improved = val_acc > best["val_acc"] + 1e-12 or (abs(val_acc - best["val_acc"]) <= 1e-12 and val_loss < best["val_loss"])
         if improved:
             best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
@@ -256,6 +273,7 @@ def fit(
         )
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
+    model.to(memory_format=torch.contiguous_format)  # as the worker loads it from safetensors
     if best["state"] is not None:
         model.load_state_dict(best["state"])
         log.info("restored the best weights (epoch %d, val_acc=%.4f)", best["epoch"], best["val_acc"])
@@ -290,6 +308,7 @@ class RunResult:
     datacheck: DataCheckReport | None = None
     version_id: int | None = None
     fit: FitResult | None = field(default=None, repr=False)
+    reference_file: Path | None = None
 
 
 def default_run_dir(base: Path, arch: str) -> Path:
@@ -325,21 +344,28 @@ def run_training(
     save_config(config, run_dir / "config.yaml")
 
     report: DataCheckReport | None = None
-    unreadable: set[Path] = set()
+    excluded: set[Path] = set()
+    dropped: dict[str, int] = {}
+    leakage = "allow" if allow_leakage else config.leakage
     if check:
         report = check_dataset(data_dir, max_pixels=max_pixels)
         write_json(report.to_dict(), run_dir / "datacheck.json")
         for line in report.summary_lines():
             log.info("data check: %s", line)
-        if report.has_leakage and not allow_leakage:
+        if report.has_leakage and leakage == "refuse":
             raise LeakageError(
                 f"the data set leaks across splits ({report.leakage_summary()}); see {run_dir / 'datacheck.json'}. "
-                "Fix the splits, or pass --allow-leakage to train anyway (test numbers will be optimistic)"
+                "Fix the splits, or train with leakage: drop (remove the copies from train/val) or allow"
             )
-        unreadable = {Path(p) for p, _ in report.unreadable}
+        excluded = {data_dir / p for p, _ in report.unreadable}
+        if leakage == "drop":
+            leaking = report.files_to_drop()
+            dropped = {split: len(files) for split, files in leaking.items()}
+            excluded |= {data_dir / p for files in leaking.values() for p in files}
+            log.info("removed near/exact duplicates of other splits and conflicting labels: %s", dropped)
 
     samples = {
-        split: [s for s in list_samples(data_dir, split, labels, config.max_per_class, config.seed) if s.path not in unreadable]
+        split: [s for s in list_samples(data_dir, split, labels, config.max_per_class, config.seed) if s.path not in excluded]
         for split in ("train", "val", "test")
     }
     for split, items in samples.items():
@@ -356,22 +382,11 @@ def run_training(
     result = fit(model, train_set, val_x, val_y, config, run_dir, generator, len(labels), resume=resume, on_epoch_end=on_epoch_end)
 
     weights_file = save_weights(model, run_dir / WEIGHTS, {"architecture": config.arch, "labels": ",".join(labels)})
-    # Calibrate and evaluate through the worker's Predictor, so the report is what serving does.
-    raw_spec = ModelSpec(0, config.arch, labels, preprocessing, threshold=0.5, temperature=1.0, weights_sha256="")
-    predictor = Predictor.from_model(raw_spec, model, device=config.device, batch_size=config.batch_size * 2)
-    val_logits = predictor.predict_logits(val_x)
-    test_logits = predictor.predict_logits(test_x)
-    temperature = fit_temperature(val_logits, val_y.numpy())
-    val_probs = softmax(val_logits, temperature)
-    choice = choose_threshold(val_probs, val_y.numpy(), config.threshold_target, config.target_error, config.target_flag_rate)
-    final_spec = ModelSpec(0, config.arch, labels, preprocessing, threshold=choice.threshold, temperature=temperature, weights_sha256="")
-    final = Predictor.from_model(final_spec, model, device=config.device, batch_size=config.batch_size * 2)
-    test_probs = final.predict_tensor(test_x)
-    val_report = classification_report(final.predict_tensor(val_x), val_y.numpy(), labels, choice.threshold, config.ece_bins)
-    test_report = classification_report(test_probs, test_y.numpy(), labels, choice.threshold, config.ece_bins)
-    test_report["ece_uncalibrated"] = expected_calibration_error(softmax(test_logits, 1.0), test_y.numpy(), config.ece_bins)
-    test_report["nll_uncalibrated"] = _nll(softmax(test_logits, 1.0), test_y.numpy())
-    test_report["nll_calibrated"] = _nll(test_probs, test_y.numpy())
+    train_x, train_y, _ = eval_tensors(samples["train"], preprocessing, max_pixels)
+    trust = calibrate_and_certify(model, config, labels, preprocessing, (train_x, train_y), (val_x, val_y), (test_x, test_y))
+    del train_x
+    reference_file = trust.reference.save(run_dir / REFERENCE)
+    choice, temperature, val_report, test_report = trust.choice, trust.temperature, trust.val_report, trust.test_report
 
     fingerprint = dataset_fingerprint(data_dir, {"train": samples["train"], "val": val_kept, "test": test_kept})
     metrics = {
@@ -379,6 +394,9 @@ def run_training(
         "val": val_report,
         "temperature": temperature,
         "threshold_choice": choice.to_dict(),
+        "guarantee": guarantee(choice),
+        "unfamiliar": {"cut": trust.reference.cut, "quantile": trust.reference.quantile, "val_flag_rate": val_report["unfamiliar_rate"]},
+        "validation_distributions": trust.validation_distributions,
         "best_epoch": result.best_epoch,
         "best_val_acc": result.best_val_acc,
         "epochs_run": result.epochs_run,
@@ -398,9 +416,93 @@ def run_training(
         "config": config.to_dict(),
         "run_dir": str(run_dir.resolve()),
         "datacheck": report.summary() if report else None,
+        "leakage": leakage,
+        "dropped_for_leakage": dropped,
     }
     write_json(extra, run_dir / "run.json")
-    return RunResult(run_dir, weights_file, config.arch, labels, preprocessing, temperature, choice.threshold, metrics, extra, config, report, fit=result)
+    return RunResult(
+        run_dir, weights_file, config.arch, labels, preprocessing, temperature, choice.threshold, metrics, extra, config, report,
+        fit=result, reference_file=reference_file,
+    )
+
+
+@dataclass
+class Trust:
+    """What makes a trained model's flags trustworthy: calibration, reference, certified threshold."""
+
+    temperature: float
+    reference: UnfamiliarReference
+    choice: ThresholdChoice
+    val_report: dict[str, Any]
+    test_report: dict[str, Any]
+    validation_distributions: dict[str, dict[str, list[float]]]
+
+
+def calibrate_and_certify(
+    model: nn.Module,
+    config: TrainConfig,
+    labels: list[str],
+    preprocessing: dict[str, Any],
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+) -> Trust:
+    """Temperature on val; unfamiliar reference on train features, its cut on val; certified threshold on val; test report.
+
+    Everything runs through the worker's :class:`Predictor` (one forward pass gives logits and
+    features), so the report describes what serving does.
+    """
+    raw_spec = ModelSpec(0, config.arch, labels, preprocessing, threshold=0.5, temperature=1.0, weights_sha256="")
+    predictor = Predictor.from_model(raw_spec, model, device=config.device, batch_size=config.batch_size * 2)
+    train_features = predictor.predict_outputs(train[0])[1]
+    val_logits, val_features = predictor.predict_outputs(val[0])
+    test_logits, test_features = predictor.predict_outputs(test[0])
+    val_y, test_y = val[1].numpy(), test[1].numpy()
+    reference = fit_reference(train_features, train[1].numpy(), val_features, config.unfamiliar_quantile)
+    val_scores, test_scores = reference.scores(val_features), reference.scores(test_features)
+    temperature = fit_temperature(val_logits, val_y)
+    val_probs, test_probs = softmax(val_logits, temperature), softmax(test_logits, temperature)
+    choice = choose_threshold(
+        val_probs, val_y, config.threshold_target, config.target_error, config.target_flag_rate, config.delta,
+        eligible=~reference.is_unfamiliar(val_scores),
+    )
+    val_report = classification_report(val_probs, val_y, labels, choice.threshold, config.ece_bins, val_scores, reference.cut)
+    test_report = classification_report(test_probs, test_y, labels, choice.threshold, config.ece_bins, test_scores, reference.cut)
+    test_report["ece_uncalibrated"] = expected_calibration_error(softmax(test_logits, 1.0), test_y, config.ece_bins)
+    test_report["nll_uncalibrated"] = _nll(softmax(test_logits, 1.0), test_y)
+    test_report["nll_calibrated"] = _nll(test_probs, test_y)
+    distributions = {"confidence": quantile_histogram(val_probs.max(axis=1)), "unfamiliar_score": quantile_histogram(val_scores)}
+    return Trust(temperature, reference, choice, val_report, test_report, distributions)
+
+
+def quantile_histogram(values: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+    """Equal-mass bins of ``values`` (edges at its quantiles; ties merged) and their counts.
+
+    Stored with the version as its validation distribution; production days are binned with the
+    same edges (values beyond them count in the end bins) to compute drift.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return {"edges": [], "counts": []}
+    edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)))
+    if len(edges) < 2:
+        edges = np.array([edges[0], edges[0] + 1e-9])
+    inner = np.clip(np.searchsorted(edges[1:-1], values, side="right"), 0, len(edges) - 2)
+    counts = np.bincount(inner, minlength=len(edges) - 1)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def guarantee(choice: ThresholdChoice) -> dict[str, Any]:
+    """The promise stored with a version: target, delta, certified bound and coverage on validation."""
+    return {
+        "target_error": choice.target_value if choice.target == "error" else None,
+        "delta": choice.delta,
+        "threshold": choice.threshold,
+        "bound": choice.bound,
+        "coverage": choice.coverage,
+        "n": choice.n,
+        "certified": bool(choice.met and choice.target == "error"),
+    }
 
 
 def _nll(probs: np.ndarray, targets: np.ndarray) -> float:
@@ -417,6 +519,9 @@ def registry_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         "val_accuracy": metrics["val"]["accuracy"],
         "temperature": metrics["temperature"],
         "threshold_choice": metrics["threshold_choice"],
+        "guarantee": metrics.get("guarantee"),
+        "unfamiliar": metrics.get("unfamiliar"),
+        "validation_distributions": metrics.get("validation_distributions"),
         "best_epoch": metrics["best_epoch"],
         "epochs_run": metrics["epochs_run"],
         "train_seconds": metrics["train_seconds"],
@@ -431,7 +536,7 @@ def register_run(result: RunResult, db: Any, settings: Any, name: str, promote: 
         version = registry.register_version(
             session, settings, result.weights_file, name=name, architecture=result.architecture, labels=result.labels,
             preprocessing=result.preprocessing, threshold=result.threshold, temperature=result.temperature,
-            metrics=registry_metrics(result.metrics), extra=result.extra, is_demo=demo,
+            metrics=registry_metrics(result.metrics), extra=result.extra, is_demo=demo, reference_file=result.reference_file,
         )
         if promote:
             registry.promote(session, version.id)

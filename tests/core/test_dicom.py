@@ -43,7 +43,7 @@ def _grey(data: bytes) -> np.ndarray:
     return np.asarray(decode_image(data, MAX_PIXELS).convert("L"), dtype=np.float64)
 
 
-def _jpeg(size: tuple[int, int] = (64, 48)) -> bytes:
+def _jpeg(size: tuple[int, int] = (80, 64)) -> bytes:
     buffer = io.BytesIO()
     PILImage.new("L", size, 128).save(buffer, "JPEG")
     return buffer.getvalue()

@@ -12,7 +12,7 @@ from core.imaging import ImageDecodeError, decode_image, inspect_image
 from core.storage import ContentStore, sha256_bytes
 
 
-def _jpeg(width: int = 64, height: int = 48) -> bytes:
+def _jpeg(width: int = 80, height: int = 64) -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (width, height), 128).save(buffer, "JPEG")
     return buffer.getvalue()
@@ -34,7 +34,7 @@ def test_store_refuses_keys_outside_it(tmp_path: Path) -> None:
 
 def test_grey_jpeg_decodes_to_rgb() -> None:
     image = decode_image(_jpeg(), max_pixels=10_000)
-    assert image.mode == "RGB" and image.size == (64, 48)
+    assert image.mode == "RGB" and image.size == (80, 64)
     assert inspect_image(_jpeg(), max_pixels=10_000).format == "jpeg"
 
 
@@ -104,3 +104,14 @@ def test_dicom_is_recognised_by_content_not_name(dicom_dir: Path) -> None:
     assert info.format == "dicom" and (info.width, info.height) == (1760, 1760)
     image = decode_image(data, max_pixels=10_000_000)
     assert image.mode == "RGB" and image.size == (1760, 1760)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (63, 400), (400, 20)])
+def test_images_too_small_to_read_are_refused_at_upload(size: tuple[int, int]) -> None:
+    buffer = io.BytesIO()
+    Image.new("L", size, 90).save(buffer, "PNG")
+    with pytest.raises(ImageDecodeError, match=rf"too small to read: {size[0]}x{size[1]} pixels.*at least 64"):
+        inspect_image(buffer.getvalue(), max_pixels=10_000_000)
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 90).save(buffer, "PNG")
+    assert inspect_image(buffer.getvalue(), max_pixels=10_000_000).width == 64

@@ -36,7 +36,7 @@ class Outcome:
 
 def _png(shade: int) -> bytes:
     buffer = io.BytesIO()
-    PILImage.new("L", (48, 40), shade).save(buffer, format="PNG")
+    PILImage.new("L", (72, 64), shade).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -99,7 +99,7 @@ def test_check_reports_the_same_image_with_two_labels(xrays_dir: Path) -> None:
     assert report.counts == {"train": {"fracture": 1238, "no_fracture": 1217}}
 
 
-def test_leakage_is_refused_unless_allowed(tmp_path: Path) -> None:
+def test_leaking_copies_are_dropped_from_train_and_val_or_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     generate_dataset(data, per_class=8, image_size=32, seed=3)
     leaked = next((data / "train" / "no_fracture").iterdir())
@@ -112,9 +112,19 @@ def test_leakage_is_refused_unless_allowed(tmp_path: Path) -> None:
     report = check_dataset(data)
     assert len(report.cross_split_exact) == 1
     assert any(p["b"].endswith("mirror.png") or p["a"].endswith("mirror.png") for p in report.near_duplicates)
-    config = resolve_config(ARCH, overrides={"image_size": 32, "epochs": 1})
-    with pytest.raises(LeakageError, match="--allow-leakage"):
-        run_training(data, config, tmp_path / "run")
+    # of each leaking pair the copy in the earlier split goes: train before val before test
+    assert {f"train/no_fracture/{leaked.name}", f"train/simple_fracture/{other.name}"} <= report.files_to_drop()["train"]
+    assert "test" not in report.files_to_drop()  # the test split stays whole
+    refuse = resolve_config(ARCH, overrides={"image_size": 32, "epochs": 1, "leakage": "refuse"})
+    with pytest.raises(LeakageError, match="leakage: drop"):
+        run_training(data, refuse, tmp_path / "refused")
+
+    result = run_training(data, resolve_config(ARCH, overrides={"image_size": 32, "epochs": 1}), tmp_path / "run")
+    dropped = result.extra["dropped_for_leakage"]
+    assert result.extra["leakage"] == "drop" and dropped["train"] >= 2
+    train_count = sum(result.extra["counts"]["train"].values())
+    assert train_count == sum(1 for p in (data / "train").rglob("*.png")) - dropped["train"]
+    assert sum(result.extra["counts"]["test"].values()) == sum(1 for p in (data / "test").rglob("*.png"))
 
 
 def _real_subset(xrays: Path, out: Path, counts: dict[str, int], seed: int = 0) -> Path:
@@ -141,7 +151,7 @@ def test_real_radiographs_beat_chance_and_register_a_version_the_worker_uses(
     data = _real_subset(xrays_dir, tmp_path / "xrays", {"train": 150, "val": 50, "test": 75})
     config = resolve_config(ARCH, overrides={"image_size": 64, "epochs": 8})
     # the subset keeps Roboflow's augmented copies out by name; the perceptual check may still pair a few
-    result = run_training(data, config, tmp_path / "run", allow_leakage=True)
+    result = run_training(data, config, tmp_path / "run")
     accuracy = result.metrics["test"]["accuracy"]
     assert result.metrics["test"]["n"] == 150
     # measured: 0.600 (150/class, 8 epochs) and 0.593 (300/class, 12 epochs) from scratch at 64 px;
@@ -164,7 +174,10 @@ def test_real_radiographs_beat_chance_and_register_a_version_the_worker_uses(
             (prediction,) = image.predictions
             assert prediction.model_version_id == version_id
             assert prediction.label in ("fracture", "no_fracture")
-            assert prediction.flagged == (prediction.confidence < result.threshold)
+            unsure = prediction.confidence < result.threshold
+            unfamiliar = prediction.unfamiliar_score is not None and prediction.unfamiliar_score > result.metrics["unfamiliar"]["cut"]
+            assert prediction.flagged == (unsure or unfamiliar)
+            assert prediction.flag_kind == ("unfamiliar" if unfamiliar else "unsure" if unsure else None)
 
     from trainer.evaluate import evaluate_version
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from core.imaging import decode_image
 from core.ml.predict import Predictor
 from core.registry import ModelSpec
 from tests.conftest import TINY_ARCH, xray_sample
-from trainer.calibrate import choose_threshold, fit_temperature, flag_stats, softmax
+from core.stats import clopper_pearson_upper
+from trainer.calibrate import choose_threshold, fit_temperature, flag_stats, point_estimate_threshold, softmax
 from trainer.config import resolve_config
 from trainer.data import Sample, eval_tensors
 from trainer.evaluate import expected_calibration_error
@@ -48,17 +50,23 @@ def test_ece_is_zero_for_perfect_confident_predictions_and_large_for_wrong_ones(
     assert expected_calibration_error(probs, np.array([1, 0])) == pytest.approx(1.0)
 
 
-def test_threshold_meets_error_target_on_val_with_most_coverage() -> None:
+def test_certified_threshold_bounds_the_error_and_is_stricter_than_the_point_estimate() -> None:
     logits, targets = _calibrated_logits(3000, seed=1)
     probs = softmax(logits)
-    choice = choose_threshold(probs, targets, "error", target_error=0.02)
+    choice = choose_threshold(probs, targets, "error", target_error=0.05)
     coverage, error, _ = flag_stats(probs, targets, choice.threshold)
-    assert choice.met and error <= 0.02
+    assert choice.met and choice.bound <= 0.05 and error <= choice.bound
+    assert (coverage, error) == pytest.approx((choice.coverage, choice.error_unflagged))
     assert 0.05 < coverage < 1.0
-    # any noticeably lower threshold leaves more images unflagged and breaks the target
-    lower = np.sort(probs.max(axis=1))
-    lower = lower[lower < choice.threshold][-5:]
-    assert all(flag_stats(probs, targets, t)[1] > 0.02 for t in lower)
+    # the bound is an exact binomial bound at delta / (binary-search steps) on the unflagged images
+    kept = probs.max(axis=1) >= choice.threshold
+    wrong = int((probs.argmax(axis=1) != targets)[kept].sum())
+    assert choice.bound == pytest.approx(clopper_pearson_upper(wrong, int(kept.sum()), 0.05 / math.ceil(math.log2(3000))))
+    # the old point estimate leaves more images unflagged: it promises only what val showed
+    point = point_estimate_threshold(probs.max(axis=1), probs.argmax(axis=1) == targets, 0.05)
+    assert point < choice.threshold
+    # a target no threshold can certify on these images flags everything, and says so
+    assert not choose_threshold(probs, targets, "error", target_error=0.02).met
 
 
 def test_threshold_for_flag_rate_target() -> None:
