@@ -81,18 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("val", "test"):
         images, targets, _ = eval_tensors(list_samples(args.data, split, spec.labels), spec.preprocessing, settings.max_image_pixels)
         logits, features = predictor.predict_outputs(images)
-        outputs[split] = (softmax(logits, spec.temperature), targets.numpy(), predictor.reference.scores(features))
-    probs, targets, scores = outputs["test"]
-    report = classification_report(probs, targets, spec.labels, spec.threshold, unfamiliar_scores=scores, unfamiliar_cut=predictor.reference.cut)
+        outputs[split] = (softmax(logits, spec.temperature), targets.numpy(), predictor.reference.scores(features), predictor.input_problems(images))
+    probs, targets, scores, problems = outputs["test"]
+    cut = predictor.reference.cut
+    report = classification_report(probs, targets, spec.labels, spec.threshold, unfamiliar_scores=scores, unfamiliar_cut=cut, input_problems=problems)
     print(f"version #{spec.version_id} {spec.architecture} on {args.data / 'test'} ({report['n']} images): "
           f"accuracy {report['accuracy']:.4f}, AUC {report['auc']:.4f}; unfamiliar {report['unfamiliar_rate']:.1%}")
     print(f"  as registered (threshold {spec.threshold:.4f}): coverage {report['coverage']:.1%}, error among unflagged "
           f"{report['error_unflagged']:.2%} (95% interval {report['error_unflagged_interval'][0]:.2%}-{report['error_unflagged_interval'][1]:.2%})")
-    val_probs, val_targets, val_scores = outputs["val"]
-    familiar = ~predictor.reference.is_unfamiliar(val_scores)
+    val_probs, val_targets, val_scores, val_problems = outputs["val"]
+    familiar = ~predictor.reference.is_unfamiliar(val_scores, val_problems)
     for target in (float(t) for t in args.targets.split(",")):
         choice = choose_threshold(val_probs, val_targets, "error", target_error=target, eligible=familiar)
-        at = classification_report(probs, targets, spec.labels, choice.threshold, unfamiliar_scores=scores, unfamiliar_cut=predictor.reference.cut)
+        at = classification_report(probs, targets, spec.labels, choice.threshold, unfamiliar_scores=scores, unfamiliar_cut=cut, input_problems=problems)
         print(f"  certified {target:.0%} on val ({'met' if choice.met else 'NOT certifiable'}, bound {choice.bound:.2%}, val coverage "
               f"{choice.coverage:.1%}): test coverage {at['coverage']:.1%}, error among unflagged {at['error_unflagged']:.2%} "
               f"({at['errors_unflagged']}/{at['unflagged']}, 95% interval {at['error_unflagged_interval'][0]:.2%}-{at['error_unflagged_interval'][1]:.2%})")

@@ -64,8 +64,8 @@ class ThresholdChoice:
     """The chosen threshold and what it gives on the split it was chosen on.
 
     For an error target, ``bound`` is the one-sided Clopper–Pearson upper bound (level
-    ``1 - delta``, Bonferroni-corrected over the thresholds tested) on the error among the
-    unflagged images; ``met`` (certified) when it is at most the target.
+    ``1 - delta``, fixed-sequence tested) on the error among the unflagged images; ``met``
+    (certified) when it is at most the target.
     """
 
     threshold: float
@@ -91,7 +91,7 @@ def flag_stats(probs: np.ndarray, targets: np.ndarray, threshold: float, eligibl
     """
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == targets
-    unflagged = confidence >= threshold
+    unflagged = (confidence >= threshold) & (threshold < 1.0)  # 1.0 flags every image (flag_result)
     if eligible is not None:
         unflagged &= np.asarray(eligible, dtype=bool)
     coverage = float(unflagged.mean()) if len(targets) else 0.0
@@ -115,48 +115,49 @@ def point_estimate_threshold(confidence: np.ndarray, correct: np.ndarray, target
     return float(sorted_conf[int(np.nonzero(ok)[0].max())]) if ok.any() else 1.0
 
 
-def certified_threshold(confidence: np.ndarray, correct: np.ndarray, target_error: float, delta: float = 0.05) -> tuple[float, float]:
-    """Selection with guaranteed risk (Geifman & El-Yaniv 2017): ``(threshold, bound)``.
+#: Coverage added by each step of :func:`certified_threshold`'s fixed sequence.
+CERTIFY_COVERAGE_STEP = 0.025
 
-    Binary search over the sorted confidences for the lowest threshold (most images left
-    unflagged) whose one-sided Clopper–Pearson upper bound on the error among unflagged images is
-    at most ``target_error``; each of the ``ceil(log2 n)`` tested thresholds uses ``delta / steps``,
-    so with probability at least ``1 - delta`` every tested bound holds at once and the error among
-    unflagged images of fresh data from the same distribution is at most the target. Returns
-    ``(1.0, bound of the smallest set tried)`` when no threshold can be certified.
+
+def certified_threshold(
+    confidence: np.ndarray, correct: np.ndarray, target_error: float, delta: float = 0.05, step: float = CERTIFY_COVERAGE_STEP
+) -> tuple[float, float]:
+    """The lowest threshold whose error among unflagged images is certified: ``(threshold, bound)``.
+
+    Selective classification with guaranteed risk (Geifman & El-Yaniv 2017) by fixed-sequence
+    testing (Learn then Test, Angelopoulos et al. 2021). The candidates leave unflagged the ``k``
+    most confident images, for ``k`` = twice the smallest count that could certify the target at
+    all (with no error), then ``step`` of the images more at a time; they are tested in that
+    order, each accepted when the one-sided Clopper–Pearson upper bound (level ``1 - delta``) on
+    the error among the images it leaves unflagged is at most ``target_error``, and the sequence
+    stops at the first failure. The order depends on no label, and because the sequence stops
+    there no correction for the number of candidates is needed: with probability at least
+    ``1 - delta`` the error among unflagged images of fresh data from the same distribution is at
+    most the target (``tests/trainer/test_guarantee.py`` checks it). Returns ``(1.0, bound of the
+    first candidate)`` when even the first cannot be certified.
     """
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     n = len(confidence)
-    if n == 0:
+    if n == 0 or not 0.0 < target_error < 1.0:
         return 1.0, 1.0
     order = np.argsort(-confidence, kind="stable")
     sorted_conf = confidence[order]
     errors = np.cumsum(~correct[order])
-    steps = max(1, math.ceil(math.log2(n)))
-    level = delta / steps
-
-    def bound_at(index: int) -> tuple[float, float]:
-        """Threshold and bound when the images down to sorted position ``index`` (with ties) pass."""
-        threshold = sorted_conf[index]
-        kept = int(np.searchsorted(-sorted_conf, -threshold, side="right"))  # all with confidence >= threshold
-        return float(threshold), clopper_pearson_upper(int(errors[kept - 1]), kept, level)
-
-    low, high = 0, n - 1
+    smallest = math.ceil(math.log(delta) / math.log(1.0 - target_error))  # 0 errors in this many: bound = target
+    counts = range(min(2 * smallest, n), n + 1, max(1, int(round(step * n))))
     best: tuple[float, float] | None = None
-    smallest_bound = 1.0
-    for _ in range(steps):
-        if low > high:
+    first_bound = 1.0
+    for index, count in enumerate(counts):
+        threshold = float(sorted_conf[count - 1])
+        kept = int(np.searchsorted(-sorted_conf, -threshold, side="right"))  # ties at the threshold pass together
+        bound = clopper_pearson_upper(int(errors[kept - 1]), kept, delta)
+        if index == 0:
+            first_bound = bound
+        if bound > target_error:
             break
-        middle = (low + high + 1) // 2
-        threshold, bound = bound_at(middle)
-        smallest_bound = min(smallest_bound, bound)
-        if bound <= target_error:
-            best = (threshold, bound)
-            low = middle + 1
-        else:
-            high = middle - 1
-    return best if best is not None else (1.0, smallest_bound)
+        best = (threshold, bound)
+    return best if best is not None else (1.0, first_bound)
 
 
 def choose_threshold(

@@ -77,6 +77,7 @@ def classification_report(
     ece_bins: int = 15,
     unfamiliar_scores: np.ndarray | None = None,
     unfamiliar_cut: float | None = None,
+    input_problems: list[str | None] | None = None,
 ) -> dict[str, Any]:
     """Every number of the report for one split, from (temperature-scaled) probabilities.
 
@@ -92,7 +93,8 @@ def classification_report(
         targets, predicted, labels=list(range(n)), zero_division=0
     )
     scores = [None] * len(targets) if unfamiliar_scores is None else [float(v) for v in unfamiliar_scores]
-    results = [flag_result(row, labels, threshold, score, unfamiliar_cut) for row, score in zip(probs, scores)]
+    problems = input_problems if input_problems is not None else [None] * len(targets)
+    results = [flag_result(row, labels, threshold, score, unfamiliar_cut, problem) for row, score, problem in zip(probs, scores, problems)]
     flagged = np.array([r.flagged for r in results], dtype=bool)
     kinds = np.array([r.flag_kind or "" for r in results])
     correct = predicted == targets
@@ -248,6 +250,9 @@ def evaluate_version(db: Any, settings: Any, version_id: int, data_dir: Path, sp
     probs = softmax(logits, spec.temperature)
     scores = predictor.unfamiliar_scores(features)
     cut = predictor.reference.cut if predictor.reference is not None else None
-    report = classification_report(probs, targets.numpy(), spec.labels, spec.threshold, unfamiliar_scores=scores, unfamiliar_cut=cut)
+    report = classification_report(
+        probs, targets.numpy(), spec.labels, spec.threshold, unfamiliar_scores=scores, unfamiliar_cut=cut,
+        input_problems=predictor.input_problems(images),
+    )
     report["version_id"] = version_id
     return report, spec.labels

@@ -458,16 +458,17 @@ def calibrate_and_certify(
     val_logits, val_features = predictor.predict_outputs(val[0])
     test_logits, test_features = predictor.predict_outputs(test[0])
     val_y, test_y = val[1].numpy(), test[1].numpy()
-    reference = fit_reference(train_features, train[1].numpy(), val_features, config.unfamiliar_quantile)
+    reference = fit_reference(train_features, train[1].numpy(), val_features, config.unfamiliar_quantile, train_inputs=train[0])
     val_scores, test_scores = reference.scores(val_features), reference.scores(test_features)
+    val_problems, test_problems = reference.input_problems(val[0]), reference.input_problems(test[0])
     temperature = fit_temperature(val_logits, val_y)
     val_probs, test_probs = softmax(val_logits, temperature), softmax(test_logits, temperature)
     choice = choose_threshold(
         val_probs, val_y, config.threshold_target, config.target_error, config.target_flag_rate, config.delta,
-        eligible=~reference.is_unfamiliar(val_scores),
+        eligible=~reference.is_unfamiliar(val_scores, val_problems),
     )
-    val_report = classification_report(val_probs, val_y, labels, choice.threshold, config.ece_bins, val_scores, reference.cut)
-    test_report = classification_report(test_probs, test_y, labels, choice.threshold, config.ece_bins, test_scores, reference.cut)
+    val_report = classification_report(val_probs, val_y, labels, choice.threshold, config.ece_bins, val_scores, reference.cut, val_problems)
+    test_report = classification_report(test_probs, test_y, labels, choice.threshold, config.ece_bins, test_scores, reference.cut, test_problems)
     test_report["ece_uncalibrated"] = expected_calibration_error(softmax(test_logits, 1.0), test_y, config.ece_bins)
     test_report["nll_uncalibrated"] = _nll(softmax(test_logits, 1.0), test_y)
     test_report["nll_calibrated"] = _nll(test_probs, test_y)

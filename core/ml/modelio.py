@@ -126,11 +126,13 @@ def build_model(architecture: str, num_classes: int, pretrained: str = "none", *
             new = load_package_weights(model, architecture)
         except WeightPackageError as exc:
             raise PretrainedUnavailable(str(exc)) from None
-        log.info("initialised %s from its installed weights package (new: %s)", architecture, new or "nothing")
+        if new:
+            zero_classifier(model)
+        log.info("initialised %s from its installed weights package (new, zeroed: %s)", architecture, new or "nothing")
         return model
     if pretrained == "hub":
         try:
-            return create_model(architecture, num_classes, pretrained=True, **kwargs)
+            return zero_classifier(create_model(architecture, num_classes, pretrained=True, **kwargs))
         except WeightsError:
             raise
         except (OSError, RuntimeError, ValueError) as exc:
@@ -158,5 +160,21 @@ def build_model(architecture: str, num_classes: int, pretrained: str = "none", *
             f"(e.g. {unexpected_missing[:3]}); use weights saved from the same architecture"
         )
     model.load_state_dict(fitting, strict=False)
-    log.info("initialised %s from %s (new head: %s; skipped %d tensors)", architecture, path.name, missing, len(skipped))
+    if missing:
+        zero_classifier(model)
+    log.info("initialised %s from %s (new head, zeroed: %s; skipped %d tensors)", architecture, path.name, missing, len(skipped))
+    return model
+
+
+def zero_classifier(model: nn.Module) -> nn.Module:
+    """Start a new classifier head at zero on top of pretrained features.
+
+    timm initialises an EfficientNet head uniformly in ±1/sqrt(classes): with two classes and
+    1,280 features the first logits are in the tens, the first loss is above 2 and the first
+    updates tear down the pretrained features. A zero head starts at the uniform prediction
+    (loss ln C) and learns from there (measured in bench/README.md, "Training recipe cpu").
+    """
+    head = model.get_classifier()  # type: ignore[operator]
+    for parameter in head.parameters():
+        nn.init.zeros_(parameter)
     return model

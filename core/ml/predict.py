@@ -81,21 +81,27 @@ def flag_result(
     threshold: float,
     unfamiliar_score: float | None = None,
     unfamiliar_cut: float | None = None,
+    input_problem: str | None = None,
 ) -> PredictionResult:
     """Turn one probability row (and its unfamiliar score) into a result with its flag.
 
-    Flagged as unfamiliar when ``unfamiliar_score > unfamiliar_cut`` (both given), else as unsure
-    when the top probability is below ``threshold``. The reason is written for people.
+    Flagged as unfamiliar when its pixels show a problem (``input_problem``: a colour picture, a
+    blank frame) or ``unfamiliar_score > unfamiliar_cut`` (both given), else as unsure when the top
+    probability is below ``threshold`` (a threshold of 1.0, "nothing certified", flags every
+    image, even one whose rounded probability is exactly 1). The reason is written for people.
     """
     index = int(np.argmax(probabilities))
     confidence = float(probabilities[index])
     by_label = {label: float(p) for label, p in zip(labels, probabilities)}
     kind: str | None = None
     reason: str | None = None
-    if unfamiliar_score is not None and unfamiliar_cut is not None and unfamiliar_score > unfamiliar_cut:
+    if input_problem is not None:
+        kind = FLAG_UNFAMILIAR
+        reason = f"Unfamiliar image: {input_problem}"
+    elif unfamiliar_score is not None and unfamiliar_cut is not None and unfamiliar_score > unfamiliar_cut:
         kind = FLAG_UNFAMILIAR
         reason = f"Unfamiliar image: unlike the radiographs the model was trained on (score {unfamiliar_score:.0f} > {unfamiliar_cut:.0f})"
-    elif confidence < threshold:
+    elif confidence < threshold or threshold >= 1.0:  # 1.0: nothing certified, every image is reviewed
         kind = FLAG_UNSURE
         reason = f"Model unsure: {_percent(confidence)} < {_percent(threshold)} needed"
     return PredictionResult(
@@ -208,14 +214,20 @@ class Predictor:
         """Classify images already passed through :attr:`transform` (e.g. in decode threads)."""
         if not tensors:
             return []
-        logits, features = self.predict_outputs(torch.stack(tensors))
+        batch = torch.stack(tensors)
+        logits, features = self.predict_outputs(batch)
         probabilities = probabilities_from_logits(torch.from_numpy(logits), self.spec.temperature).numpy()
         scores = self.unfamiliar_scores(features)
+        problems = self.input_problems(batch)
         cut = None if self.reference is None else self.reference.cut
         return [
-            flag_result(row, self.spec.labels, self.spec.threshold, None if scores is None else float(scores[i]), cut)
+            flag_result(row, self.spec.labels, self.spec.threshold, None if scores is None else float(scores[i]), cut, problems[i])
             for i, row in enumerate(probabilities)
         ]
+
+    def input_problems(self, batch: torch.Tensor) -> list[str | None]:
+        """Per preprocessed image, an input problem that makes it unfamiliar (None: none, or no reference)."""
+        return [None] * len(batch) if self.reference is None else self.reference.input_problems(batch)
 
 
 class StandInPredictor(Predictor):

@@ -85,14 +85,22 @@ def test_a_missing_package_is_named_in_a_one_line_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_one_training_step_from_the_package_weights_runs_and_changes_the_model() -> None:
+def test_training_steps_from_the_package_weights_run_from_a_zero_head() -> None:
     torch.manual_seed(0)
     model = build_model(LITE0, 2, "package", drop_rate=0.2)
+    assert torch.count_nonzero(model.classifier.weight) == 0  # a new head starts at the uniform prediction
     before = model.conv_stem.weight.detach().clone()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     model.train()
-    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 96, 96)), torch.tensor([0, 1, 0, 1]))
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss)
+    x, y = torch.randn(4, 3, 96, 96), torch.tensor([0, 1, 0, 1])
+    losses = []
+    for _ in range(2):  # the first step moves the head, the second reaches the backbone through it
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(np.log(2), abs=1e-5)
+    assert all(np.isfinite(losses))
+    assert torch.count_nonzero(model.classifier.weight) > 0
     assert not torch.equal(before, model.conv_stem.weight)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import random
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from trainer.config import resolve_config
 from trainer.datacheck import LeakageError, check_dataset
 from trainer.export import export_reviews
 from trainer.synthetic import generate_dataset
+from tests.conftest import real_subset
 from trainer.train import TrainingError, register_run, run_training
 
 ARCH = "test_resnet"
@@ -127,37 +126,18 @@ def test_leaking_copies_are_dropped_from_train_and_val_or_refused(tmp_path: Path
     assert sum(result.extra["counts"]["test"].values()) == sum(1 for p in (data / "test").rglob("*.png"))
 
 
-def _real_subset(xrays: Path, out: Path, counts: dict[str, int], seed: int = 0) -> Path:
-    """A balanced subset of the real radiographs (symlinks); val/test images whose original
-    (the file name before Roboflow's ``.rf.`` suffix) is in the train subset are left out."""
-    rng = random.Random(seed)
-    used: set[str] = set()
-    for split in ("train", "val", "test"):
-        for label in sorted(os.listdir(xrays / split)):
-            files = sorted((xrays / split / label).glob("*.jpg"))
-            rng.shuffle(files)
-            chosen = [f for f in files if f.name.split(".rf.")[0] not in used][: counts[split]]
-            if split == "train":
-                used.update(f.name.split(".rf.")[0] for f in chosen)
-            (out / split / label).mkdir(parents=True)
-            for f in chosen:
-                (out / split / label / f.name).symlink_to(f)
-    return out
-
-
 def test_real_radiographs_beat_chance_and_register_a_version_the_worker_uses(
     xrays_dir: Path, tmp_path: Path, db: Database, settings: Settings
 ) -> None:
-    data = _real_subset(xrays_dir, tmp_path / "xrays", {"train": 150, "val": 50, "test": 75})
-    config = resolve_config(ARCH, overrides={"image_size": 64, "epochs": 8})
-    # the subset keeps Roboflow's augmented copies out by name; the perceptual check may still pair a few
+    data = real_subset(xrays_dir, tmp_path / "xrays", {"train": 150, "val": 50, "test": 75})
+    # the cpu recipe shortened to CI's budget (the full one is measured in bench/README.md)
+    config = resolve_config(recipe="cpu", overrides={"image_size": 128, "epochs": 3})
     result = run_training(data, config, tmp_path / "run")
     accuracy = result.metrics["test"]["accuracy"]
     assert result.metrics["test"]["n"] == 150
-    # measured: 0.600 (150/class, 8 epochs) and 0.593 (300/class, 12 epochs) from scratch at 64 px;
-    # with n=150 chance gives 0.5 +- 0.041, so 0.57 is about 1.7 standard deviations above chance
-    assert accuracy >= 0.57, f"test accuracy {accuracy:.3f} on a balanced subset (chance 0.5)"
-    assert result.metrics["test"]["auc_macro_ovr"] >= 0.55
+    # with n=150 chance gives 0.5 +- 0.041 (AUC 0.5 +- 0.047): both bounds are 2.5-3 deviations above it
+    assert accuracy >= 0.6, f"test accuracy {accuracy:.3f} on a balanced subset (chance 0.5)"
+    assert result.metrics["test"]["auc_macro_ovr"] >= 0.65
     version_id = register_run(result, db, settings, "real xrays smoke", promote=True)
 
     files = sorted((data / "test").glob("*/*.jpg"))[:6]

@@ -58,15 +58,22 @@ def test_certified_threshold_bounds_the_error_and_is_stricter_than_the_point_est
     assert choice.met and choice.bound <= 0.05 and error <= choice.bound
     assert (coverage, error) == pytest.approx((choice.coverage, choice.error_unflagged))
     assert 0.05 < coverage < 1.0
-    # the bound is an exact binomial bound at delta / (binary-search steps) on the unflagged images
+    # the bound is the exact one-sided binomial bound at level 1 - delta on the unflagged images
     kept = probs.max(axis=1) >= choice.threshold
     wrong = int((probs.argmax(axis=1) != targets)[kept].sum())
-    assert choice.bound == pytest.approx(clopper_pearson_upper(wrong, int(kept.sum()), 0.05 / math.ceil(math.log2(3000))))
+    assert choice.bound == pytest.approx(clopper_pearson_upper(wrong, int(kept.sum()), 0.05))
+    # fixed sequence: the next candidate (2.5 % more images unflagged) fails the target, or none is left
+    confidence = np.sort(probs.max(axis=1))[::-1]
+    following = confidence[min(int(kept.sum()) + 75, 3000) - 1]
+    if following < choice.threshold:
+        more = probs.max(axis=1) >= following
+        more_wrong = int((probs.argmax(axis=1) != targets)[more].sum())
+        assert clopper_pearson_upper(more_wrong, int(more.sum()), 0.05) > 0.05
     # the old point estimate leaves more images unflagged: it promises only what val showed
     point = point_estimate_threshold(probs.max(axis=1), probs.argmax(axis=1) == targets, 0.05)
     assert point < choice.threshold
     # a target no threshold can certify on these images flags everything, and says so
-    assert not choose_threshold(probs, targets, "error", target_error=0.02).met
+    assert not choose_threshold(probs, targets, "error", target_error=0.005).met
 
 
 def test_threshold_for_flag_rate_target() -> None:

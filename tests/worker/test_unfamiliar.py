@@ -129,3 +129,27 @@ def test_every_runtime_returns_the_score_from_its_one_forward_pass(
     # int8 features are close enough to keep every clearly unfamiliar radiograph unfamiliar
     clear = torch_scores > 2 * cut
     assert all(r.flag_kind == FLAG_UNFAMILIAR for r, is_clear in zip(int8_results, clear) if is_clear)
+
+
+def test_colour_pictures_and_blank_frames_are_unfamiliar_from_their_pixels(
+    demo_run: RunResult, db: Database, settings: Settings, xrays_dir: Path
+) -> None:
+    spec = _registered(db, settings, demo_run)
+    predictor = load_predictor(spec, settings)
+    reference = predictor.reference
+    assert reference is not None and reference.colour_max is not None and reference.detail_min is not None
+    radiographs = [decode_image(p.read_bytes(), 10**8) for p in xray_sample(xrays_dir, 8)]
+    blank = [Image.new("RGB", (256, 256), (v, v, v)) for v in (0, 128, 255)]
+    rng = np.random.default_rng(0)
+    tinted = [Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))]
+    problems = reference.input_problems(predictor.preprocess(radiographs + blank + tinted))
+    # grey radiographs are never "colour"; this demo model, trained on busier synthetic pictures,
+    # may find some too plain ("featureless"), which is its world, not theirs
+    assert "a colour picture, not a radiograph" not in problems[:8]
+    assert problems[8:11] == ["nearly featureless (blank or flat)"] * 3
+    assert problems[11] == "a colour picture, not a radiograph"
+    results = predictor.predict_images(blank + tinted)
+    assert all(r.flag_kind == FLAG_UNFAMILIAR and r.flag_reason.startswith("Unfamiliar image: ") for r in results)
+    # the checks travel with the reference file
+    loaded = UnfamiliarReference.load(demo_run.reference_file)
+    assert (loaded.colour_max, loaded.detail_min) == (reference.colour_max, reference.detail_min)
