@@ -56,6 +56,21 @@ class Settings(BaseModel):
         ge=1_000_000,
         description="Largest image (width x height) accepted; guards against decompression bombs.",
     )
+    reduce_above_pixels: int = Field(
+        default=4096 * 4096,
+        ge=0,
+        description="Worker: images with more pixels (width x height) than this are reduced while they are "
+        "decoded, by a whole factor, to no less than twice the model's input (JPEG: DCT-domain draft; other "
+        "formats and DICOM: box filter right after loading, converted strip by strip), so a huge image never "
+        "exists at full size in RGB. Images up to this size are decoded in full: the model sees exactly what "
+        "a full decode gives.",
+    )
+    decode_pixel_budget: int = Field(
+        default=60_000_000,
+        ge=1_000_000,
+        description="Worker: full-resolution pixels (width x height from the headers) being decoded at once "
+        "by one worker process's decode threads together; an image larger than this decodes alone.",
+    )
     chunk_size: int = Field(
         default=64, ge=1, le=10_000, description="Images per queued task (one task = one chunk)."
     )
@@ -90,7 +105,23 @@ class Settings(BaseModel):
         default=3,
         ge=1,
         le=100,
-        description="Tries before an image whose processing keeps killing the worker is failed.",
+        description="Tries before an image whose processing keeps killing the worker is failed. After a "
+        "crash the unfinished images of the chunk are retried one at a time, so only the image that kills "
+        "the worker is failed (after at least one try alone, whatever this value).",
+    )
+    lease_s: int = Field(
+        default=60,
+        ge=2,
+        le=3600,
+        description="Seconds a worker's claim on its images lasts without a heartbeat; the worker renews it "
+        "every third of this while it works. Every worker re-queues images whose lease ran out (or whose "
+        "claiming process on the same host is gone) at start-up and every half of this.",
+    )
+    test_crash_on_sha256: str = Field(
+        default="",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="Testing only: a worker process that reads the stored image with this sha256 kills "
+        "itself (SIGKILL), to test that a poison image is isolated. Leave empty.",
     )
     audit_rate: float = Field(
         default=0.02,
@@ -120,10 +151,23 @@ class Settings(BaseModel):
     )
     login_max_failures: int = Field(
         default=5, ge=1, le=1000,
-        description="Failed logins allowed per client address or user name within LOGIN_WINDOW_S; then 429.",
+        description="Failed logins allowed per user name (from any address) within LOGIN_WINDOW_S; then "
+        "sign-ins to that account answer 429 until the window has passed.",
+    )
+    login_max_address_failures: int = Field(
+        default=50, ge=1, le=100_000,
+        description="Failed logins allowed per client address (any user names) within LOGIN_WINDOW_S; then "
+        "sign-ins from that address answer 429. Counted separately from the per-account limit, so one "
+        "person's typos do not lock out colleagues behind the same address.",
     )
     login_window_s: int = Field(
         default=300, ge=1, le=86_400, description="Window (seconds) over which failed logins are counted."
+    )
+    trusted_proxies: int = Field(
+        default=0, ge=0, le=10,
+        description="Reverse proxies in front of the portal whose X-Forwarded-For and X-Forwarded-Proto "
+        "headers are trusted (Werkzeug's ProxyFix hops). The client address they give is used by the login "
+        "rate limit and the audit log. 0: use the connection's address and ignore those headers.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
 

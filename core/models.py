@@ -65,8 +65,18 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
     return Enum(cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
 
+class Group(Base):
+    """A radiology site: its users see only its studies (admins see every group's)."""
+
+    __tablename__ = "groups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class User(Base):
-    """A person using the portal (roles: uploader, reviewer, admin)."""
+    """A person using the portal (roles: uploader, reviewer, admin), in at most one group."""
 
     __tablename__ = "users"
 
@@ -77,7 +87,13 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Stored in each session at sign-in; raising it (logout, password change, disabling) ends every
+    #: session of the user, including copies of the cookie.
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The user's site; None: the default group (users and studies without a group).
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("groups.id"), index=True)
 
+    group: Mapped[Group | None] = relationship()
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", order_by="ApiToken.id")
 
 
@@ -153,6 +169,8 @@ class Study(Base):
     status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "study_status"), default=StudyStatus.QUEUED)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    #: The uploader's group at upload (a re-run keeps its original's); None: the default group.
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("groups.id"), index=True)
     rerun_of_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -170,7 +188,11 @@ class Image(Base):
     """One uploaded file of a study; the bytes live in the image store under ``storage_key``."""
 
     __tablename__ = "images"
-    __table_args__ = (Index("ix_images_study_id_status", "study_id", "status"),)
+    __table_args__ = (
+        Index("ix_images_study_id_status", "study_id", "status"),
+        # The workers' watchdog looks for expired leases and images queued too long.
+        Index("ix_images_status_updated_at", "status", "updated_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
@@ -183,6 +205,10 @@ class Image(Base):
     status: Mapped[ImageStatus] = mapped_column(_enum(ImageStatus, "image_status"), default=ImageStatus.QUEUED)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The worker process holding the image while it is ``processing`` (``host:pid:nonce``), and until
+    #: when: the worker renews the lease while it works; an expired lease means the worker is gone.
+    claimed_by: Mapped[str | None] = mapped_column(String(120))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # From the DICOM header when the upload is DICOM: what a reviewer and a PACS need, nothing that
     # identifies the patient. ``patient_key`` is a keyed hash (core.dicom.patient_key) for matching.
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))

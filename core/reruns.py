@@ -49,6 +49,7 @@ def rerun_study(session: Session, original: Study, version: ModelVersion, create
         raise ValueError(f"study #{root.id} has no stored images to re-run")
     study = create_study(session, f"{root.name} (re-run with model #{version.id})", version, created_by_id)
     study.rerun_of_id = root.id
+    study.group_id = root.group_id  # a re-run stays with its original's group, whoever started it
     study.study_instance_uid, study.modality = root.study_instance_uid, root.modality
     study.body_part, study.study_date = root.body_part, root.study_date
     copies = [

@@ -7,6 +7,7 @@ torch. Work reaches the GPU workers as Celery task names with ids (:func:`core.q
 from __future__ import annotations
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
 from core.config import Settings, get_settings
@@ -21,23 +22,31 @@ class BoundedInt(IntegerConverter):
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build a portal app for ``settings`` (default: read from the ``TRIAGE_*`` environment)."""
-    from portal import admin, api, auth, errors, extensions, health, models, review, studies
+    from portal import account, admin, api, auth, errors, extensions, health, http, models, presenters, review, studies
 
     settings = settings or get_settings()
     app = Flask(__name__)
+    app.request_class = http.PortalRequest  # 413s that name the limit hit
+    app.json = http.PortalJSONProvider(app)  # JSON nested too deeply is a 400, not a RecursionError
+    if settings.trusted_proxies:
+        # The client's address (rate limit, audit log) and scheme (Secure cookie) from the trusted proxies.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)  # type: ignore[method-assign]
     app.url_map.converters["int"] = BoundedInt  # ids past the database's integer range are 404s, not 500s
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024,
         # A dropped folder can hold thousands of files; each is one multipart part.
         MAX_FORM_PARTS=100_000,
+        MAX_FORM_MEMORY_SIZE=http.MAX_FORM_FIELD_BYTES,  # per text field; files are limited by the settings
         WTF_CSRF_TIME_LIMIT=None,
     )
     extensions.init_app(app, settings)
     auth.init_app(app)  # the login guard runs before the CSRF check: anonymous requests get 401/redirect
     extensions.csrf.init_app(app)
+    app.before_request(http.refuse_nul_characters)  # after the login guard: anonymous requests get 401 first
     errors.init_app(app)
-    for blueprint in (studies.bp, review.bp, models.bp, api.bp, health.bp, admin.bp):
+    presenters.register_filters(app)  # one way of writing percentages and labels
+    for blueprint in (studies.bp, review.bp, models.bp, api.bp, health.bp, admin.bp, account.bp):
         app.register_blueprint(blueprint)
     # CSRF is checked by portal.auth's guard for every cookie-authenticated write; tokens need none.
     return app

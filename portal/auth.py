@@ -9,7 +9,12 @@
   ``X-CSRFToken``), checked here after sign-in so anonymous requests get 401/redirect first;
   token-authenticated requests need none (a browser never sends a bearer token by itself). The
   login form checks its own token (Flask-WTF form).
-* Failed logins are counted in the audit log (so across every portal process); over the limit, 429.
+* Failed logins are counted in the audit log (so across every portal process), per user name and
+  per client address with separate limits; over either, 429. Behind reverse proxies the client
+  address comes from ``TRIAGE_TRUSTED_PROXIES`` hops of X-Forwarded-For (Werkzeug's ProxyFix).
+* Each session carries the user's *session generation* from sign-in; logout, a password change or
+  reset and disabling the account raise it, so every session of that user (and any copy of its
+  cookie) stops working at once.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from flask_wtf import FlaskForm
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from core import audit
-from core.auth import can, check_password, get_user, recent_login_failures, user_for_token
-from core.models import User, utcnow
+from core import audit, groups
+from core.auth import can, check_password, end_sessions, get_user, recent_login_failures, user_for_token
+from core.groups import study_condition
+from core.models import Study, User, utcnow
 from portal import extensions
+from portal.http import safe_redirect_target
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
@@ -36,6 +43,8 @@ login_manager.login_view = "auth.login"
 login_manager.login_message = "Sign in to continue."
 login_manager.session_protection = "basic"
 
+#: Session key holding the user's session generation at sign-in (see :func:`core.auth.end_sessions`).
+SESSION_GENERATION = "_generation"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_ENDPOINTS = frozenset({"auth.login", "health.healthz", "health.readyz", "static"})
 
@@ -49,6 +58,7 @@ class PortalUser(UserMixin):
         self.id = user.id
         self.username = user.username
         self.role = user.role
+        self.group_id = user.group_id
         self._active = bool(user.is_active)
 
     @property
@@ -67,6 +77,12 @@ class LoginForm(FlaskForm):
     username = StringField("User name", validators=[DataRequired(), Length(max=80)])
     password = PasswordField("Password", validators=[DataRequired(), Length(max=500)])
 
+    class Meta:
+        """Read only the posted form: never a JSON body (whose numbers and lists are no text fields)."""
+
+        def wrap_formdata(self, form: Any, formdata: Any) -> Any:  # type: ignore[no-untyped-def]
+            return request.form if request.method in ("POST", "PUT", "PATCH", "DELETE") else None
+
 
 class PortalSessionInterface(SecureCookieSessionInterface):
     """Signed cookie sessions whose cookie is Secure whenever the request is HTTPS (or always, by setting)."""
@@ -79,8 +95,18 @@ class PortalSessionInterface(SecureCookieSessionInterface):
 
 
 def client_ip() -> str | None:
-    """The client's address as the server sees it (put a ProxyFix in front behind a proxy)."""
+    """The client's address: the connection's, or the one TRIAGE_TRUSTED_PROXIES trusted proxies forwarded."""
     return request.remote_addr
+
+
+def visible_studies() -> Any:
+    """A SQL condition on Study: the studies the current user may see (None: every study, for admins)."""
+    return study_condition(current_user.can("all_groups"), current_user.group_id)
+
+
+def may_see(study: Study | None) -> bool:
+    """Whether the current user may see ``study`` (another group's study is treated as missing: 404)."""
+    return groups.may_see(study, current_user.can("all_groups"), current_user.group_id)
 
 
 def db_user(user: object | None = None) -> User | None:
@@ -116,11 +142,26 @@ def require(permission: str) -> Callable[[F], F]:
 
 @login_manager.user_loader
 def _load_user(user_id: str) -> PortalUser | None:
+    """The session's user, if the account is active and the session is of its current generation."""
     try:
         user = extensions.db_session().get(User, int(user_id))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
-    return PortalUser(user) if user is not None and user.is_active else None
+    if user is None or not user.is_active or session.get(SESSION_GENERATION) != user.session_generation:
+        return None  # signed out, password changed or account disabled since this session began
+    return PortalUser(user)
+
+
+def start_session(user: User) -> None:
+    """Sign ``user`` in on a fresh session that carries their current session generation."""
+    session.clear()  # nothing from before sign-in carries over
+    login_user(PortalUser(user))
+    session[SESSION_GENERATION] = user.session_generation
+
+
+def keep_this_session(user: User) -> None:
+    """After ending all of ``user``'s sessions, keep the current one (a password change by its owner)."""
+    session[SESSION_GENERATION] = user.session_generation
 
 
 def _token_user() -> PortalUser | None | bool:
@@ -165,9 +206,7 @@ def _guard() -> Any:
 
 
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return url_for("studies.index")
+    return safe_redirect_target(target) or url_for("studies.index")
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -185,8 +224,10 @@ def login() -> Any:
             settings, db = extensions.settings(), extensions.db_session()
             name = form.username.data.strip()
             failures = recent_login_failures(db, client_ip(), name, settings.login_window_s)
-            if failures >= settings.login_max_failures:
-                record("login_failed", "user", name, {"reason": "rate limited"}, username=name)
+            limited = ("address" if failures.by_address >= settings.login_max_address_failures
+                       else "account" if failures.by_account >= settings.login_max_failures else None)
+            if limited:
+                record("login_failed", "user", name, {"reason": "rate limited", "limit": limited}, username=name)
                 db.commit()
                 minutes = max(1, settings.login_window_s // 60)
                 error, status = f"Too many failed sign-ins. Wait {minutes} minute(s) and try again.", 429
@@ -197,18 +238,21 @@ def login() -> Any:
                     db.commit()
                     error, status = "Wrong user name or password.", 401
                 else:
-                    session.clear()  # a fresh session: nothing from before sign-in carries over
-                    login_user(PortalUser(user))
+                    target = _safe_next(request.args.get("next"))
+                    start_session(user)
                     user.last_login_at = utcnow()
                     audit.record(db, "login", user, "user", user.username, client_ip())
                     db.commit()
-                    return redirect(_safe_next(request.args.get("next")), code=303)
+                    return redirect(target, code=303)
     return render_template("login.html", form=form, error=error), status
 
 
 @bp.post("/logout")
 def logout() -> Any:
-    """Sign out (a POST with the CSRF token, so another site cannot sign you out)."""
+    """Sign out everywhere: every session of this user ends, copies of the cookie included (POST with CSRF)."""
+    user = db_user()
+    if user is not None:
+        end_sessions(user)
     record("logout", "user", current_user.username)
     extensions.db_session().commit()
     logout_user()

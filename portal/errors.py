@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, Response, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from portal import extensions
@@ -17,11 +17,14 @@ def wants_json() -> bool:
     return request.path.startswith("/api/") or request.path == "/api" or request.path == "/healthz"
 
 
-def error_response(status: int, message: str):  # type: ignore[no-untyped-def]
+def error_response(status: int, message: str) -> Response:
     """The error as JSON for API clients or as an HTML page for people."""
     if wants_json():
-        return jsonify(error=message), status
-    return render_template("error.html", status=status, message=message), status
+        response = jsonify(error=message)
+    else:
+        response = make_response(render_template("error.html", status=status, message=message))
+    response.status_code = status
+    return response
 
 
 def too_large_message() -> str:
@@ -40,7 +43,7 @@ def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
         extensions.rollback_session()
     response = error_response(exc.code or 500, exc.description or exc.name)
     if exc.code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
-        response[0].headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
     return response
 
 
