@@ -168,9 +168,15 @@ def _ensure_demo_model(settings: Settings, env: dict[str, str], train_data: Path
     )
 
 
+SAMPLE_STUDY_NAME = "Sample study (synthetic demo images)"
+
+
 def _queue_sample_study(settings: Settings, data: Path) -> None:
-    """Queue the demo data set's test images as a first study, so the portal has results to show."""
+    """Queue the demo data set's test images as a first study, so the portal has results to show (once)."""
+    from sqlalchemy import select
+
     from core import registry
+    from core.models import Study
     from core.queue import enqueue_images, make_celery
     from core.studies import add_upload, create_study
 
@@ -178,9 +184,13 @@ def _queue_sample_study(settings: Settings, data: Path) -> None:
     if not files:
         return
     with Database(settings).transaction() as session:
+        earlier = session.scalar(select(Study.id).where(Study.name == SAMPLE_STUDY_NAME).order_by(Study.id).limit(1))
+        if earlier is not None:
+            print(f"sample study #{earlier} was queued on an earlier start")
+            return
         version = registry.production_version(session)
         assert version is not None
-        study = create_study(session, "Sample study (synthetic demo images)", version)
+        study = create_study(session, SAMPLE_STUDY_NAME, version)
         image_ids = [add_upload(session, settings, study, f"{p.parent.name}/{p.name}", p.read_bytes()).id for p in files]
         study_id = study.id
     enqueue_images(make_celery(settings, main="demo"), study_id, image_ids, settings.chunk_size)
@@ -251,44 +261,98 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     _ensure_demo_admin(settings)
     train_data = Path(args.train_data).resolve() if args.train_data else None
     _ensure_demo_model(settings, env, train_data)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", "--concurrency", str(settings.worker_concurrency)],
-        env=env,
-    )
-    portal = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--bind", f"{args.host}:{args.port}", "--workers", "2", "--timeout", "300", "portal:create_app()"],
-        env=env,
-    )
+    supervisor = Supervisor(env)
+    supervisor.add("worker", [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO",
+                              "--concurrency", str(settings.worker_concurrency)])
+    supervisor.add("portal", [sys.executable, "-m", "gunicorn", "--bind", f"{args.host}:{args.port}", "--workers", "2",
+                              "--timeout", "300", "portal:create_app()"])
     demo_data = settings.data_dir / "demo-data"
     if not args.no_sample and train_data is None and (demo_data / "test").is_dir():
         _queue_sample_study(settings, demo_data)
     print(f"\nportal: http://{args.host}:{args.port}/   (Ctrl-C stops portal and worker)\n")
-    children = [worker, portal]
-
-    def stop(*_: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
     try:
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
+        supervisor.run()
     except KeyboardInterrupt:
         pass
     finally:
-        stop()
-        for child in children:
+        supervisor.stop_all()
+    return 0
+
+
+class Supervisor:
+    """Keeps the demo's processes running: one that dies is restarted, with back-off; the others go on.
+
+    A restarted worker re-queues the work its predecessor held (its watchdog, :mod:`core.reconcile`),
+    so killing it loses nothing.
+    """
+
+    #: Back-off between restarts of a process that keeps dying, in seconds; reset after a minute up.
+    FIRST_DELAY, MAX_DELAY, STABLE_AFTER = 1.0, 30.0, 60.0
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.argv: dict[str, list[str]] = {}
+        self.started: dict[str, float] = {}
+        self.delay: dict[str, float] = {}
+        self.restart_at: dict[str, float] = {}
+        self.stopping = False
+
+    def add(self, name: str, argv: list[str]) -> None:
+        """Start ``argv`` as the process called ``name``."""
+        self.argv[name] = argv
+        self.delay[name] = self.FIRST_DELAY
+        self._start(name)
+
+    def _start(self, name: str) -> None:
+        self.children[name] = subprocess.Popen(self.argv[name], env=self.env)
+        self.started[name] = time.monotonic()
+        self.restart_at.pop(name, None)
+
+    def request_stop(self, *_: object) -> None:
+        """Stop after the current check (the SIGTERM handler)."""
+        self.stopping = True
+
+    def check(self) -> None:
+        """Restart every process that has exited, once its back-off has passed."""
+        now = time.monotonic()
+        for name, child in self.children.items():
+            if child.poll() is None:
+                continue
+            if name not in self.restart_at:
+                if now - self.started[name] >= self.STABLE_AFTER:
+                    self.delay[name] = self.FIRST_DELAY
+                self.restart_at[name] = now + self.delay[name]
+                print(f"{name} (pid {child.pid}) exited with {child.returncode}; restarting it in {self.delay[name]:.0f} s",
+                      file=sys.stderr, flush=True)
+                self.delay[name] = min(self.MAX_DELAY, self.delay[name] * 2)
+            elif now >= self.restart_at[name]:
+                self._start(name)
+                print(f"{name} restarted (pid {self.children[name].pid})", file=sys.stderr, flush=True)
+
+    def run(self) -> None:
+        """Supervise until :meth:`request_stop` (SIGTERM) or Ctrl-C."""
+        while not self.stopping:
+            self.check()
+            time.sleep(0.5)
+
+    def stop_all(self) -> None:
+        """Terminate every process and wait for it (SIGKILL after 20 s)."""
+        self.stopping = True
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children.values():
             try:
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 child.kill()
-    failed = [child.args[2:5] for child in children if child.returncode not in (0, -signal.SIGTERM, None)]
-    return 1 if failed else 0
+                child.wait()
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    """Re-enqueue images that have waited too long (e.g. after the broker lost its queue)."""
+    """Re-enqueue images no task will finish: their worker is gone, or the broker lost their message."""
     from core.queue import make_celery
     from core.reconcile import reconcile
 
@@ -329,8 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     pro.add_argument("version_id", type=int)
     pro.set_defaults(func=cmd_model_promote)
 
-    rec = sub.add_parser("reconcile", help="re-enqueue images queued or processing for too long")
-    rec.add_argument("--older-than", type=float, help="seconds (default TRIAGE_RECONCILE_AFTER_S)")
+    rec = sub.add_parser("reconcile", help="re-enqueue images whose worker is gone (lease ran out) or whose message was lost "
+                         "(workers do this by themselves every half lease)")
+    rec.add_argument("--older-than", type=float,
+                     help="re-enqueue images queued for longer than this many seconds whatever the broker holds "
+                     "(default TRIAGE_RECONCILE_AFTER_S)")
     rec.set_defaults(func=cmd_reconcile)
 
     user = sub.add_parser("user", help="portal accounts and API tokens").add_subparsers(dest="user_command", required=True)

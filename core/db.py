@@ -29,8 +29,11 @@ def _enable_sqlite_concurrency(engine: Engine) -> None:
         cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine for ``url``; SQLite files get their parent folder and WAL mode."""
+def make_engine(url: str, pooled: bool = True) -> Engine:
+    """Create an engine for ``url``; SQLite files get their parent folder and WAL mode.
+
+    ``pooled=False``: no connection is kept between uses (for a thread in a process that forks).
+    """
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
         if path and path != ":memory:":
@@ -40,6 +43,8 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
         _enable_sqlite_concurrency(engine)
         return engine
+    if not pooled:
+        return create_engine(url, poolclass=NullPool)
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
@@ -51,8 +56,9 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 class Database:
     """An engine plus its session factory, created lazily for one process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, pooled: bool = True) -> None:
         self.settings = settings
+        self.pooled = pooled
         self._engine: Engine | None = None
         self._factory: sessionmaker[Session] | None = None
 
@@ -60,7 +66,7 @@ class Database:
     def engine(self) -> Engine:
         """The engine, created on first use (so after any fork)."""
         if self._engine is None:
-            self._engine = make_engine(self.settings.database_url)
+            self._engine = make_engine(self.settings.database_url, self.pooled)
         return self._engine
 
     def session(self) -> Session:

@@ -37,6 +37,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
+        # A worker whose broker went away (Redis restarted) reconnects with back-off however long it takes.
+        "broker_connection_max_retries": None,
+        # A publish rides out a short broker restart; a longer outage raises, the images stay queued in the
+        # database, and the workers' watchdog (core.reconcile) sends them once the broker is back.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 4, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0},
         "result_backend": None,
         "task_ignore_result": True,
         "task_default_queue": QUEUE_NAME,

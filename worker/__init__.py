@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import setup_logging, worker_init, worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from core.config import get_settings
 from core.queue import make_celery
@@ -44,6 +44,26 @@ def _reset_after_fork(**_: object) -> None:
     from worker.tasks import reset_process_state
 
     reset_process_state()
+
+
+_watchdog = None
+
+
+@worker_ready.connect
+def _start_watchdog(**_: object) -> None:
+    """Re-queue work no task will finish now (e.g. the chunk of a worker killed before this start), then every half lease."""
+    global _watchdog
+    from core.reconcile import Watchdog
+
+    # Its own Celery app: the thread never shares a broker connection with the consumer.
+    _watchdog = Watchdog(settings, make_celery(settings, main="watchdog"))
+    _watchdog.start()
+
+
+@worker_shutdown.connect
+def _stop_watchdog(**_: object) -> None:
+    if _watchdog is not None:
+        _watchdog.stop()
 
 
 from worker import tasks  # noqa: E402,F401  (registers the tasks)

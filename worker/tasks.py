@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from celery import Task
-from sqlalchemy.exc import OperationalError
 from celery.utils.log import get_task_logger
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core.db import Database
+from core.leases import LeaseHeartbeat, process_identity
 from core.queue import CLASSIFY_CHUNK_TASK, RECONCILE_TASK
 from worker import app, settings
 
@@ -37,8 +38,9 @@ def _services():  # type: ignore[no-untyped-def]
 @app.task(
     name=CLASSIFY_CHUNK_TASK,
     bind=True,
-    # A database blip (restart, failover) retries the chunk later instead of stranding its images.
-    autoretry_for=(OperationalError,),
+    # A database blip (restart, failover) retries the chunk later instead of stranding its images;
+    # this process keeps its claim, so the retry takes its images back in batches.
+    autoretry_for=(OperationalError, InterfaceError),
     retry_backoff=True,
     retry_backoff_max=300,
     max_retries=8,
@@ -48,19 +50,23 @@ def classify_chunk(self: Task, study_id: int, image_ids: list[int]) -> dict[str,
     from core.ml.pipeline import classify_chunk as run_chunk
 
     db, cache = _services()
-    report = run_chunk(db, settings, cache, study_id, image_ids)
+    owner = process_identity()
+    # While the chunk runs, its claims are renewed; if this process dies they run out (core.leases).
+    with LeaseHeartbeat(db, owner, settings.lease_s, study_id):
+        report = run_chunk(db, settings, cache, study_id, image_ids, owner)
     timing = " ".join(f"{stage}={seconds:.3f}s" for stage, seconds in report.seconds.items())
     log.info(
-        "task %s study %s: %d predicted, %d failed, %d already finished%s; timing %s",
-        self.request.id, study_id, report.predicted, report.failed, report.skipped,
+        "task %s study %s: %d predicted, %d failed, %d already finished or held elsewhere, %d tried alone after a crash%s; timing %s",
+        self.request.id, study_id, report.predicted, report.failed, report.skipped, report.isolated,
         "; study done" if report.study_done else "", timing,
     )
-    return {"predicted": report.predicted, "failed": report.failed, "skipped": report.skipped, "study_done": report.study_done}
+    return {"predicted": report.predicted, "failed": report.failed, "skipped": report.skipped, "isolated": report.isolated,
+            "study_done": report.study_done}
 
 
 @app.task(name=RECONCILE_TASK)
 def reconcile() -> dict[int, int]:
-    """Periodic: re-enqueue images the broker lost (run by `celery -A worker beat`)."""
+    """Periodic: re-enqueue images no task will finish (`celery -A worker beat`; every worker also runs it itself)."""
     from core.reconcile import reconcile as run_reconcile
 
     db, _ = _services()
