@@ -1,4 +1,4 @@
-"""The audit log: who uploaded, viewed, reviewed, exported, promoted or logged in, when, from where."""
+"""The audit log: who uploaded, viewed, reviewed, exported, promoted, logged in or managed accounts, when, from where."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from sqlalchemy.orm import Session
 from core.models import AuditEvent, User
 
 ACTIONS = (
-    "login", "login_failed", "logout", "upload", "view", "review", "export", "promote", "rerun", "token",
+    "login", "login_failed", "logout", "upload", "view", "review", "review_undo", "export", "promote", "rerun", "token",
+    "token_revoke", "user_create", "user_disable", "user_enable", "password_reset", "password_change",
+    "group_create", "user_group",
 )
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Collection
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import Integer, Select, and_, case, cast, func, or_, select
@@ -26,9 +27,11 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 #: Why a case is in the review queue.
 REASON_UNSURE, REASON_UNFAMILIAR, REASON_AUDIT = "unsure", "unfamiliar", "audit"
 REASONS = (REASON_UNSURE, REASON_UNFAMILIAR, REASON_AUDIT)
-#: Queue orders: oldest first (the default), or most suspicious first (fracture probability, highest first).
-ORDER_OLDEST, ORDER_SUSPICIOUS = "oldest", "suspicious"
-ORDERS = (ORDER_OLDEST, ORDER_SUSPICIOUS)
+#: Queue orders: oldest first (the default: longest waiting), newest first, most / least suspicious first
+#: (fracture probability), by model label, by reason (unsure, unfamiliar, audit) or by study.
+ORDER_OLDEST, ORDER_NEWEST, ORDER_SUSPICIOUS, ORDER_LEAST_SUSPICIOUS = "oldest", "newest", "suspicious", "least_suspicious"
+ORDER_LABEL, ORDER_REASON, ORDER_STUDY = "label", "reason", "study"
+ORDERS = (ORDER_OLDEST, ORDER_NEWEST, ORDER_SUSPICIOUS, ORDER_LEAST_SUSPICIOUS, ORDER_LABEL, ORDER_REASON, ORDER_STUDY)
 
 
 def case_reason(prediction: Prediction) -> str | None:
@@ -67,21 +70,50 @@ def _reason_condition(reason: str) -> Any:
     return and_(Prediction.flagged.is_(True), or_(Prediction.flag_kind == REASON_UNSURE, Prediction.flag_kind.is_(None)))
 
 
-def _queue_query(study_id: int | None, reason: str | None, include_reviewed: bool, order: str = ORDER_OLDEST) -> Select[Any]:
+def _kind_rank() -> Any:
+    return case((Prediction.flagged.is_(False), 2), (Prediction.flag_kind == REASON_UNFAMILIAR, 1), else_=0)
+
+
+def _ordering(order: str) -> list[Any]:
+    oldest = [Prediction.created_at, Image.id]
+    fracture = Prediction.fracture_probability
+    return {
+        ORDER_OLDEST: oldest,
+        ORDER_NEWEST: [Prediction.created_at.desc(), Image.id.desc()],
+        ORDER_SUSPICIOUS: [fracture.desc().nulls_last(), *oldest],
+        ORDER_LEAST_SUSPICIOUS: [fracture.asc().nulls_last(), *oldest],
+        ORDER_LABEL: [Prediction.label, fracture.desc().nulls_last(), *oldest],
+        ORDER_REASON: [_kind_rank(), *oldest],
+        ORDER_STUDY: [Image.study_id, Image.id],
+    }[order]
+
+
+def _queue_query(study_id: int | None, reason: str | None, include_reviewed: bool, order: str = ORDER_OLDEST,
+                 visible: Any = None, label: str | None = None, min_fracture: float | None = None,
+                 waited_s: float | None = None, exclude: Collection[int] = ()) -> Select[Any]:
     check_order(order)
+    # One row per image of a study: predictions are unique per (image, version), and only the
+    # study's own version counts; a re-run is another study with its own image rows.
     query = (
         select(Image, Prediction)
         .join(Prediction, Prediction.image_id == Image.id)
         .join(Study, Study.id == Image.study_id)
         .where(or_(Prediction.flagged.is_(True), Prediction.audit.is_(True)),
                Prediction.model_version_id == Study.model_version_id, Image.status == ImageStatus.DONE)
+        .order_by(*_ordering(order))
     )
-    if order == ORDER_SUSPICIOUS:
-        query = query.order_by(Prediction.fracture_probability.desc().nulls_last(), Prediction.created_at, Image.id)
-    else:
-        query = query.order_by(Prediction.created_at, Image.id)
+    if label:
+        query = query.where(Prediction.label == label)
+    if min_fracture is not None:
+        query = query.where(Prediction.fracture_probability >= min_fracture)
+    if waited_s:
+        query = query.where(Prediction.created_at <= datetime.now(timezone.utc) - timedelta(seconds=waited_s))
+    if exclude:
+        query = query.where(Image.id.not_in(list(exclude)))
     if study_id is not None:
         query = query.where(Image.study_id == study_id)
+    if visible is not None:  # the studies the reader may see (core.groups.study_condition)
+        query = query.where(visible)
     if reason in REASONS:  # a case kind: unsure, unfamiliar or audit
         query = query.where(_reason_condition(reason))
     elif reason:
@@ -95,55 +127,68 @@ def _queue_query(study_id: int | None, reason: str | None, include_reviewed: boo
 
 def flagged_cases(
     session: Session, study_id: int | None = None, reason: str | None = None,
-    include_reviewed: bool = False, limit: int | None = None, order: str = ORDER_OLDEST,
+    include_reviewed: bool = False, limit: int | None = None, order: str = ORDER_OLDEST, visible: Any = None,
+    label: str | None = None, min_fracture: float | None = None, waited_s: float | None = None,
 ) -> list[tuple[Image, Prediction]]:
     """Review cases (flagged images and audit samples) with their prediction, in ``order``.
 
     ``reason`` is a case kind (``unsure``, ``unfamiliar``, ``audit``) or a flag-reason category
     (see :func:`reason_category`). ``order``: ``oldest`` first, or ``suspicious`` (fracture
-    probability, highest first; none last; then oldest).
+    probability, highest first; none last; then oldest), or another of :data:`ORDERS`. ``visible``:
+    a condition on the study limiting the cases to those the reader may see
+    (:func:`core.groups.study_condition`). ``label``: the model's label; ``min_fracture``: lowest
+    fracture probability (0..1); ``waited_s``: cases waiting at least this many seconds.
 
     Raises:
         ValueError: for an unknown ``order``.
     """
-    query = _queue_query(study_id, reason, include_reviewed, order)
+    query = _queue_query(study_id, reason, include_reviewed, order, visible, label, min_fracture, waited_s)
     if limit is not None:
         query = query.limit(limit)
     return [(image, prediction) for image, prediction in session.execute(query)]
 
 
-def count_flagged_cases(session: Session, study_id: int | None = None, reason: str | None = None) -> int:
+def count_flagged_cases(session: Session, study_id: int | None = None, reason: str | None = None,
+                        visible: Any = None, label: str | None = None, min_fracture: float | None = None,
+                        waited_s: float | None = None) -> int:
     """How many cases (flagged and audit) wait for review, with the same filters as :func:`flagged_cases`."""
-    inner = _queue_query(study_id, reason, False).with_only_columns(Image.id).order_by(None).subquery()
+    inner = (_queue_query(study_id, reason, False, visible=visible, label=label, min_fracture=min_fracture, waited_s=waited_s)
+             .with_only_columns(Image.id).order_by(None).subquery())
     return int(session.scalar(select(func.count()).select_from(inner)) or 0)
 
 
-def reason_categories(session: Session, limit: int = 1000) -> list[str]:
+def reason_categories(session: Session, limit: int = 1000, visible: Any = None) -> list[str]:
     """Distinct flag-reason categories among waiting cases (for the filter menu)."""
-    query = _queue_query(None, None, False).with_only_columns(Prediction.flag_reason).order_by(None).distinct().limit(limit)
+    query = _queue_query(None, None, False, visible=visible).with_only_columns(Prediction.flag_reason).order_by(None).distinct().limit(limit)
     return sorted({reason_category(reason) for reason in session.scalars(query) if reason})
 
 
-def waiting_reasons(session: Session, study_id: int | None = None) -> dict[str, int]:
+def waiting_labels(session: Session, visible: Any = None) -> list[str]:
+    """The model labels among waiting cases (for the filter menu), sorted."""
+    query = _queue_query(None, None, False, visible=visible).with_only_columns(Prediction.label).order_by(None).distinct()
+    return sorted(set(session.scalars(query)))
+
+
+def waiting_reasons(session: Session, study_id: int | None = None, visible: Any = None) -> dict[str, int]:
     """How many cases wait for review per kind (``unsure``, ``unfamiliar``, ``audit``), kinds present only."""
     kind = case(
         (Prediction.flagged.is_(False), REASON_AUDIT),
         (Prediction.flag_kind == REASON_UNFAMILIAR, REASON_UNFAMILIAR),
         else_=REASON_UNSURE,
     )
-    inner = _queue_query(study_id, None, False).with_only_columns(kind.label("kind")).order_by(None).subquery()
+    inner = _queue_query(study_id, None, False, visible=visible).with_only_columns(kind.label("kind")).order_by(None).subquery()
     rows = session.execute(select(inner.c.kind, func.count()).group_by(inner.c.kind)).all()
     return {reason: int(count) for reason, count in sorted(rows, key=lambda row: REASONS.index(row[0]))}
 
 
 def next_case(
     session: Session, after_image_id: int | None, study_id: int | None = None, reason: str | None = None,
-    order: str = ORDER_OLDEST,
+    order: str = ORDER_OLDEST, visible: Any = None, label: str | None = None, min_fracture: float | None = None,
+    waited_s: float | None = None, exclude: Collection[int] = (),
 ) -> Image | None:
-    """The first waiting case in ``order`` other than ``after_image_id`` (the one just reviewed)."""
-    query = _queue_query(study_id, reason, False, order)
-    if after_image_id is not None:
-        query = query.where(Image.id != after_image_id)
+    """The first waiting case in ``order`` other than ``after_image_id`` (the one just reviewed) and ``exclude`` (skipped)."""
+    skip = {*exclude, *([after_image_id] if after_image_id is not None else [])}
+    query = _queue_query(study_id, reason, False, order, visible, label, min_fracture, waited_s, skip)
     row = session.execute(query.limit(1)).first()
     return row[0] if row else None
 

@@ -50,7 +50,9 @@ def list_models() -> Any:
     plots = {version.id: sorted(plot_files(version)) for version in versions}
     trust = {version.id: presenters.model_trust(version, audit_estimate(session, version.id)) for version in versions}
     drift = drift_views(session, versions, extensions.settings().drift_psi)
-    return render_template("models.html", versions=versions, stats=stats, plots=plots, drift=drift, trust=trust)
+    metrics = {version.id: presenters.metrics_sections(version.metrics, list(version.labels)) for version in versions}
+    return render_template("models.html", versions=versions, stats=stats, plots=plots, drift=drift, trust=trust,
+                           metrics=metrics)
 
 
 @bp.get("/models/<int:version_id>/plots/<name>")

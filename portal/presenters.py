@@ -143,6 +143,58 @@ REASON_WORDS = {
 }
 #: The same, short (menus).
 REASON_NAMES = {"unsure": "Model unsure", "unfamiliar": "Unfamiliar image", "audit": "Audit sample"}
+#: An image opened for review that the model neither flagged nor sampled for audit.
+SPOT_CHECK_WORDS = "Not flagged: spot check"
+
+
+def label_name(label: str | None) -> str:
+    """A model label as people read it: ``no_fracture`` -> ``No fracture``."""
+    if not label:
+        return ""
+    text = " ".join(str(label).replace("_", " ").split())
+    return text[:1].upper() + text[1:]
+
+
+def _percent_digits(value: float, digits: int) -> str:
+    text = f"{100.0 * value:.{digits}f}"
+    if digits and "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+def percent_pair(value: float, reference: float) -> tuple[str, str]:
+    """Both shares as :func:`percent` writes them, with more decimals where that alone would make them look equal.
+
+    ``(0.9996, 0.9999)`` -> ``("99.96 %", "99.99 %")``, never "100 % below 100 %".
+    """
+    first, second = percent(value), percent(reference)
+    digits = 1
+    while first == second and value != reference and digits <= 4:
+        digits += 1
+        first, second = f"{_percent_digits(value, digits)} %", f"{_percent_digits(reference, digits)} %"
+    return first, second
+
+
+def reason_words(prediction: Prediction, threshold: float | None, short: bool = False) -> str:
+    """Why a prediction is (or is not) a review case, in words, from its data rather than its stored text.
+
+    "Model unsure: 76 % < 95 % needed", "Unfamiliar image" (``short``) or the worker's sentence with
+    its score, "Audit sample: random check of an unflagged image", or "Not flagged: spot check".
+    """
+    reason = case_reason(prediction)
+    if reason == "unsure":
+        if threshold is None:
+            return "Model unsure"
+        confidence, needed = percent_pair(float(prediction.confidence), float(threshold))
+        return f"Model unsure: {confidence} < {needed} needed"
+    if reason == "unfamiliar":
+        stored = prediction.flag_reason or ""
+        if short or not stored.startswith("Unfamiliar image"):
+            return "Unfamiliar image" if short else "Unfamiliar image: unlike the radiographs the model was trained on"
+        return stored
+    if reason == "audit":
+        return REASON_WORDS["audit"]
+    return SPOT_CHECK_WORDS
 
 
 def review_case(image: Image, prediction: Prediction) -> dict[str, Any]:
@@ -151,7 +203,8 @@ def review_case(image: Image, prediction: Prediction) -> dict[str, Any]:
     ``reason`` is ``unsure``, ``unfamiliar`` or ``audit``; ``reason_text`` says it in words.
     """
     reason = case_reason(prediction)
-    labels = list(image.study.model_version.labels)
+    version = image.study.model_version
+    labels = list(version.labels)
     probabilities = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)
     return {
         "image_id": image.id,
@@ -163,7 +216,7 @@ def review_case(image: Image, prediction: Prediction) -> dict[str, Any]:
         "probabilities": dict(probabilities),
         "flag_reason": prediction.flag_reason,
         "reason": reason,
-        "reason_text": REASON_WORDS.get(reason or "", ""),
+        "reason_text": reason_words(prediction, version.threshold) if reason else "",
         "audit": bool(prediction.audit),
         "fracture_probability": prediction.fracture_probability,
         "labels": labels,
@@ -282,3 +335,109 @@ def model_trust(version: ModelVersion, estimate: AuditEstimate) -> dict[str, Any
         "audit": audit_sentence(estimate),
         "audit_reviewed": estimate.reviewed,
     }
+
+
+#: Metrics the models page leaves to other sections (drift plots) or to the run folder (per-bin curves).
+HIDDEN_METRICS = frozenset({"validation_distributions", "reliability"})
+_SHARE_WORDS = ("accuracy", "rate", "coverage", "error", "precision", "recall", "f1", "bound", "ece", "share", "threshold",
+                "target", "delta", "auc")
+
+
+def metric_name(key: str) -> str:
+    """A metrics key as a heading: ``error_unflagged_bound`` -> ``Error unflagged bound``; ``auc_macro_ovr`` keeps AUC."""
+    text = label_name(key)
+    for short in ("Auc", "auc", "Ece", "ece", "F1", "Ovr", "ovr"):
+        text = " ".join(word.upper() if word == short else word for word in text.split())
+    return text
+
+
+def metric_value(key: str, value: Any) -> str:
+    """One metric for people: shares as percent, counts with separators, other numbers to 4 digits."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        lowered = key.lower()
+        if 0.0 <= value <= 1.0 and any(word in lowered for word in _SHARE_WORDS) and "auc" not in lowered:
+            return percent(value)
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        if len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and "interval" in key:
+            return f"{metric_value(key, float(value[0]))} – {metric_value(key, float(value[1]))}"
+        return ", ".join(metric_value(key, v) for v in value) if all(not isinstance(v, (dict, list)) for v in value) else f"{len(value)} items"
+    return str(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, (dict, list, tuple)) or (
+        isinstance(value, (list, tuple)) and all(not isinstance(v, (dict, list, tuple)) for v in value))
+
+
+def metrics_sections(metrics: dict[str, Any] | None, labels: list[str] | None = None) -> list[dict[str, Any]]:
+    """A version's metrics as tables, never a JSON blob.
+
+    Returns sections ``{"title", "rows": [(name, text)], "grid": {"columns", "rows": [(name, [text])]} | None}``:
+    top-level figures first, then one section per group (``test``, ``guarantee``...), a group of
+    per-label figures (``per_class``) and a confusion matrix as grids.
+    """
+    if not isinstance(metrics, dict):
+        return []
+    top: list[tuple[str, str]] = []
+    sections: list[dict[str, Any]] = []
+
+    def visit(title: str, group: dict[str, Any]) -> None:
+        rows: list[tuple[str, str]] = []
+        grids: list[dict[str, Any]] = []
+        nested: list[tuple[str, Any]] = []
+        for key in sorted(group):
+            if key in HIDDEN_METRICS:
+                continue
+            value = group[key]
+            if key == "confusion_matrix" and isinstance(value, list) and all(isinstance(r, list) for r in value):
+                names = [label_name(label) for label in (labels or [])]
+                if len(names) != len(value):
+                    names = [str(i + 1) for i in range(len(value))]
+                grids.append({"title": f"{title} › confusion matrix (true ↓, predicted →)", "rows": [],
+                              "grid": {"columns": names,
+                                       "rows": [(names[i], [f"{int(c):,}" for c in row]) for i, row in enumerate(value)]}})
+            elif isinstance(value, dict) and value and all(
+                    isinstance(v, dict) and all(_is_scalar(x) for x in v.values()) for v in value.values()):
+                columns = sorted({c for v in value.values() for c in v})
+                grids.append({"title": f"{title} › {metric_name(key).lower()}", "rows": [], "grid": {
+                    "columns": [metric_name(c) for c in columns],
+                    "rows": [(label_name(name), [metric_value(c, v.get(c)) for c in columns]) for name, v in value.items()]}})
+            elif isinstance(value, dict):
+                nested.append((key, value))
+            elif _is_scalar(value):
+                rows.append((metric_name(key), metric_value(f"{title} {key}", value)))  # "flag rate by reason › unsure" is a share
+            else:
+                rows.append((metric_name(key), f"{len(value)} items"))
+        if rows:
+            sections.append({"title": title, "rows": rows, "grid": None})
+        sections.extend(grids)
+        for key, value in nested:
+            visit(f"{title} › {metric_name(key).lower()}", value)
+
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    groups = {k: v for k, v in metrics.items() if isinstance(v, dict)}
+    for key in sorted(scalars):
+        if key in HIDDEN_METRICS:
+            continue
+        value = scalars[key]
+        top.append((metric_name(key), metric_value(key, value) if _is_scalar(value) else f"{len(value)} items"))
+    result = [{"title": "", "rows": top, "grid": None}] if top else []
+    for key in sorted(groups):
+        if key in HIDDEN_METRICS:
+            continue
+        visit(metric_name(key), groups[key])
+    return result + sections
+
+
+def register_filters(app: Any) -> None:
+    """Template filters for one way of writing things: ``pct`` (76 %), ``label_name`` (No fracture)."""
+    app.add_template_filter(lambda value: "—" if value is None else percent(float(value)), "pct")
+    app.add_template_filter(label_name, "label_name")
+

@@ -7,7 +7,7 @@ import io
 import json
 from typing import Any
 
-from flask import Blueprint, Response, abort, flash, redirect, render_template, request, send_file, url_for
+from flask import Blueprint, Response, abort, flash, jsonify, redirect, render_template, request, send_file, url_for
 from flask_login import current_user
 from sqlalchemy import select
 
@@ -18,9 +18,11 @@ from core.dicom import ReportUnavailable, report_filename, structured_report
 from core.models import Image, ModelVersion, Prediction, Study, StudyStatus
 from core.queue import enqueue_images
 from core.reruns import comparison, rerun_study
-from core.studies import image_store, study_counts, suspected_fracture_counts
+from core.reviewing import case_reason, count_flagged_cases
+from core.studies import image_store, study_counts, study_prediction, suspected_fracture_counts
 from portal import extensions, presenters
-from portal.auth import record, require
+from portal.auth import may_see, record, require, visible_studies
+from portal.http import int_param
 from portal.uploads import UploadError, collect_files, require_production_model, submit_studies
 
 bp = Blueprint("studies", __name__)
@@ -40,16 +42,19 @@ CSV_FIELDS = ("image_id", "filename", "sha256", "status", "error", "label", "con
 
 def _render_index(error: str | None = None, status: int = 200) -> Any:
     session = extensions.db_session()
-    studies = list(session.scalars(select(Study).order_by(Study.id.desc()).limit(MAX_LISTED)))
+    query = select(Study).order_by(Study.id.desc()).limit(MAX_LISTED)
+    if (visible := visible_studies()) is not None:
+        query = query.where(visible)
+    studies = list(session.scalars(query))
     rows = [(study, study_counts(session, study.id)) for study in studies]
     suspected = suspected_fracture_counts(session, studies)
     return render_template("studies.html", rows=rows, suspected=suspected, error=error), status
 
 
 def get_study(study_id: int) -> Study:
-    """The study with ``study_id`` or a 404."""
+    """The study with ``study_id`` or a 404 (also for another group's study)."""
     study = extensions.db_session().get(Study, study_id)
-    if study is None:
+    if study is None or not may_see(study):
         abort(404, f"Study #{study_id} not found.")
     return study
 
@@ -68,7 +73,8 @@ def upload() -> Any:
     session, settings = extensions.db_session(), extensions.settings()
     try:
         version = require_production_model(session)
-        files = collect_files(request.files.getlist("files"), request.files.get("archive"), settings.max_upload_mb * 1024 * 1024)
+        files = collect_files(request.files.getlist("files"), request.files.get("archive"),
+                              settings.max_upload_mb * 1024 * 1024, settings.max_file_mb * 1024 * 1024)
         created = submit_studies(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version,
                                  created_by_id=current_user.id)
     except UploadError as exc:
@@ -83,20 +89,54 @@ def upload() -> Any:
     return redirect(url_for("studies.study_page", study_id=created[0].study.id), code=303)
 
 
+def result_row(image: Image, study: Study) -> dict[str, Any]:
+    """One image of the study page: its result plus what people read (label in words, percent, reason in words)."""
+    row = presenters.image_result(image, study.model_version_id)
+    prediction = study_prediction(image, study.model_version_id)
+    reason = case_reason(prediction) if prediction is not None else None
+    review = row["review"]
+    row.update({
+        "label_name": presenters.label_name(row["label"]),
+        "confidence_text": presenters.percent(row["confidence"]) if row["confidence"] is not None else "",
+        "reason": reason,
+        "reason_text": presenters.reason_words(prediction, study.model_version.threshold, short=True)
+        if prediction is not None and reason else "",
+        "review_text": f"reviewed: {presenters.label_name(review['label'])} ({review['reviewer']})" if review else "",
+        # Every classified image can be opened and reviewed: flagged and audit cases, or any other as a spot check.
+        "case_url": url_for("review.case", image_id=image.id, study=study.id) if row["status"] == "done" else None,
+    })
+    return row
+
+
 @bp.get("/studies/<int:study_id>")
 @require("view")
 def study_page(study_id: int) -> Any:
     """Show a study's live progress and, as they arrive, its results (sortable, filterable)."""
     session = extensions.db_session()
     study = get_study(study_id)
-    results = [presenters.image_result(image, study.model_version_id) for image in presenters.study_images(session, study)]
+    results = [result_row(image, study) for image in presenters.study_images(session, study)]
     record("view", "study", study.id)
     session.commit()
     versions = [v for v in registry.list_versions(session) if v.id != study.model_version_id]
+    waiting = count_flagged_cases(session, study_id=study.id, visible=visible_studies()) if current_user.can("review") else 0
     return render_template(
         "study.html", study=study, counts=study_counts(session, study.id), results=results,
-        compare=comparison(session, study), versions=versions,
+        compare=comparison(session, study), versions=versions, waiting=waiting,
     )
+
+
+ROW_FIELDS = ("id", "status", "error", "label", "label_name", "confidence", "confidence_text", "flagged", "reason",
+              "reason_text", "review_text", "case_url")
+
+
+@bp.get("/studies/<int:study_id>/rows.json")
+@require("view")
+def study_rows(study_id: int) -> Any:
+    """Each image's own status and result, for the study page to update its rows live (the page view is audited)."""
+    session = extensions.db_session()
+    study = get_study(study_id)
+    rows = [{key: row[key] for key in ROW_FIELDS} for row in (result_row(image, study) for image in presenters.study_images(session, study))]
+    return jsonify(status=study.status.value, counts=study_counts(session, study.id), images=rows)
 
 
 def export_rows(study: Study) -> list[dict[str, Any]]:
@@ -180,7 +220,8 @@ def rerun(study_id: int) -> Any:
     """Classify a study's stored images again with another model version (a new, linked study)."""
     session, settings = extensions.db_session(), extensions.settings()
     study = get_study(study_id)
-    version = session.get(ModelVersion, request.form.get("model_version_id", type=int) or 0)
+    version_id = int_param("model_version_id", source=request.form)
+    version = session.get(ModelVersion, version_id) if version_id is not None else None
     if version is None:
         abort(400, "Choose a registered model version.")
     try:
@@ -209,7 +250,7 @@ def _sniff(head: bytes) -> tuple[str, str, bool]:
 def image_file(image_id: int) -> Any:
     """Serve an image's stored bytes by image id, with a type sniffed from its content."""
     image = extensions.db_session().get(Image, image_id)
-    if image is None:
+    if image is None or not may_see(image.study):
         abort(404, f"Image #{image_id} not found.")
     if not image.storage_key:
         abort(404, f"Image #{image_id} has no stored file: the upload was refused ({image.error}).")
@@ -228,7 +269,7 @@ def image_file(image_id: int) -> Any:
 def image_preview(image_id: int) -> Any:
     """Serve a PNG rendering of a stored image (DICOM as the model sees it), made once and kept."""
     image = extensions.db_session().get(Image, image_id)
-    if image is None or not image.storage_key or not image.sha256:
+    if image is None or not may_see(image.study) or not image.storage_key or not image.sha256:
         abort(404, f"Image #{image_id} has no stored file.")
     settings = extensions.settings()
     try:
@@ -243,7 +284,7 @@ def image_preview(image_id: int) -> Any:
 def heatmap(prediction_id: int) -> Any:
     """Serve the stored Grad-CAM heat map of a prediction (computed once by the worker)."""
     prediction = extensions.db_session().get(Prediction, prediction_id)
-    if prediction is None or not prediction.heatmap_key:
+    if prediction is None or not may_see(prediction.image.study) or not prediction.heatmap_key:
         abort(404, f"Prediction #{prediction_id} has no heat map.")
     path = heatmap_store(extensions.settings()).path_for_key(prediction.heatmap_key)
     if not path.is_file():

@@ -23,8 +23,13 @@
     var bar = row.querySelector("[data-field='progress']");
     bar.max = c.total || 1;
     bar.value = c.done + c.failed;
+    var share = row.querySelector("[data-field='progress-share']");
+    if (share) { share.dataset.value = c.total ? (c.done + c.failed) / c.total : 0; }
     var suspected = row.querySelector("[data-field='suspected_fractures']");
-    if (suspected) { suspected.textContent = study.suspected_fractures === null ? "" : study.suspected_fractures; }
+    if (suspected) {
+      suspected.textContent = study.suspected_fractures === null ? "" : study.suspected_fractures;
+      suspected.dataset.value = study.suspected_fractures === null ? -1 : study.suspected_fractures;
+    }
   }
 
   function poll() {

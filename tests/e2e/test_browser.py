@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ from sqlalchemy import select
 
 from core.auth import create_user
 from core.config import Settings
-from core.models import Review
+from core.db import Database
+from core.models import AuditEvent, Review
 from tests.conftest import IN_CI, make_settings, deploy_tiny_model, xray_sample
 from tests.e2e.conftest import LivePortal, LiveWorker
 
@@ -105,12 +108,13 @@ def test_sign_in_upload_a_folder_watch_progress_and_review_flagged_cases(
         expect(page.locator("#heatmap")).to_be_visible()
     page.screenshot(path=str(shots / "3-viewer.png"))
 
-    # One key records a label; the next case opens.
-    page.keyboard.press("2")
+    # One key records a label (keys follow the order the probabilities are shown in); the next case opens.
+    key = page.locator(".label-button[data-label='no_fracture']").get_attribute("data-key")
+    page.keyboard.press(key)
     page.wait_for_url(lambda url: url != first_url and "/review/" in url)
-    expect(page.locator(".notice.info")).to_contain_text("Recorded no_fracture")
+    expect(page.locator("#last-review")).to_contain_text("Recorded No fracture")
     second_url = page.url
-    page.keyboard.press("Enter")  # confirm the model's label
+    page.keyboard.press("a")  # accept the model's label
     page.wait_for_url(lambda url: url != second_url)
     page.screenshot(path=str(shots / "4-next-case.png"))
 
@@ -119,3 +123,192 @@ def test_sign_in_upload_a_folder_watch_progress_and_review_flagged_cases(
         assert [r.reviewer_name for r in reviews] == ["radiologist", "radiologist"]
         assert reviews[0].label == "no_fracture" and reviews[1].label in tiny_weights["labels"]
     db.dispose()
+
+
+# --- The review workspace: no worker needed, the predictions are written as the worker would. ---
+
+@dataclass
+class Workspace:
+    """A live portal with one study of five classified images and a signed-in reviewer's browser page."""
+
+    portal: LivePortal
+    db: Database
+    ids: dict[str, int]
+    page: object
+
+    def open(self, path: str) -> None:
+        self.page.goto(self.portal.url + path)  # type: ignore[attr-defined]
+
+    def reviews(self) -> list[Review]:
+        with self.db.transaction() as session:
+            return list(session.scalars(select(Review).order_by(Review.id)))
+
+
+def _new_page(browser, portal: LivePortal, width: int = 1440, height: int = 900):  # type: ignore[no-untyped-def]
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(20_000)
+    page.goto(portal.url + "/login")
+    page.fill("input[name=username]", "reviewer")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/login" not in url)
+    return page
+
+
+@pytest.fixture
+def workspace(browser, tmp_path: Path, xrays_dir: Path, tiny_weights: dict,  # type: ignore[no-untyped-def]
+              live_portal_factory: Callable[[Settings], LivePortal]) -> Iterator[Workspace]:
+    """Unsure cases a (p fracture 0.6), b (0.3), c (0.8), a confident image (0.97) and an audit sample (0.02)."""
+    from core.models import Image, ModelVersion
+    from core.studies import add_upload, create_study, finish_study_if_complete
+    from tests.portal.test_review_flow import predict
+
+    settings = make_settings(tmp_path / "var")
+    db, version_id = deploy_tiny_model(settings, tiny_weights)
+    with db.transaction() as session:
+        create_user(session, "reviewer", PASSWORD, "reviewer")
+        study = create_study(session, "Ward 7", session.get(ModelVersion, version_id))
+        images = [add_upload(session, settings, study, path.name, path.read_bytes()) for path in xray_sample(xrays_dir, 5)]
+        ids = dict(zip(("a", "b", "confident", "c", "audit"), (image.id for image in images)), study=study.id)
+    predict(db, {ids["a"]: 0.6, ids["b"]: 0.3, ids["confident"]: 0.97, ids["c"]: 0.8, ids["audit"]: 0.02}, audit=(ids["audit"],))
+    with db.transaction() as session:
+        assert all(session.get(Image, i).status.value == "done" for key, i in ids.items() if key != "study")
+        finish_study_if_complete(session, ids["study"])
+    portal = live_portal_factory(settings)
+    yield Workspace(portal, db, ids, _new_page(browser, portal))
+    db.dispose()
+
+
+def test_enter_in_the_note_or_on_a_link_records_nothing_and_a_accepts_the_models_label(workspace: Workspace) -> None:
+    from playwright.sync_api import expect
+
+    page, ids = workspace.page, workspace.ids
+    workspace.open(f"/review/{ids['a']}")
+    page.fill("#note", "cortical break distal radius")
+    page.press("#note", "Enter")
+    page.press("#note", "a")  # typing, not accepting
+    page.press("#note", "1")
+    page.wait_for_timeout(800)
+    assert page.url.endswith(f"/review/{ids['a']}") and workspace.reviews() == []
+    expect(page.locator("#note")).to_have_value("cortical break distal radius" + "a1")
+
+    page.focus("#back-to-queue")
+    page.keyboard.press("a")  # no label from a focused link
+    page.wait_for_timeout(500)
+    assert workspace.reviews() == []
+    page.keyboard.press("Enter")  # the link does what links do: the queue opens, nothing is recorded
+    page.wait_for_url(lambda url: url.endswith("/review"))
+    assert workspace.reviews() == []
+
+    workspace.open(f"/review/{ids['a']}")
+    page.locator("#stage").click()
+    page.keyboard.press("Enter")  # Enter is never "accept"
+    page.wait_for_timeout(500)
+    assert workspace.reviews() == []
+    page.keyboard.press("a")
+    page.wait_for_url(lambda url: f"/review/{ids['a']}" not in url)
+    (review,) = workspace.reviews()
+    assert review.label == "fracture" and review.image_id == ids["a"]
+
+
+def test_undo_skip_previous_and_no_layout_shift(workspace: Workspace) -> None:
+    from playwright.sync_api import expect
+
+    page, ids = workspace.page, workspace.ids
+    workspace.open("/review")
+    page.click("#start-review")
+    page.wait_for_url(lambda url: url.endswith(f"/review/{ids['a']}"))
+    heading = page.locator(".case-panel h1").bounding_box()["y"]
+
+    page.keyboard.press("s")  # skip: nothing recorded, the next case opens
+    page.wait_for_url(lambda url: url.endswith(f"/review/{ids['b']}"))
+    page.keyboard.press("p")  # previous: back to the skipped case
+    page.wait_for_url(lambda url: url.endswith(f"/review/{ids['a']}"))
+    assert workspace.reviews() == []
+
+    page.locator(".label-button[data-label='no_fracture']").click()
+    page.wait_for_url(lambda url: url.endswith(f"/review/{ids['b']}"))
+    expect(page.locator("#last-review")).to_contain_text("Recorded No fracture")
+    assert page.locator(".case-panel h1").bounding_box()["y"] == heading  # the message moved nothing down
+    assert [r.label for r in workspace.reviews()] == ["no_fracture"]
+
+    page.keyboard.press("u")  # undo: the review is gone and its case opens again
+    page.wait_for_url(lambda url: url.endswith(f"/review/{ids['a']}"))
+    expect(page.locator("#review-status")).to_contain_text("Undone: No fracture")
+    assert workspace.reviews() == []
+    with workspace.db.transaction() as session:
+        assert session.scalars(select(AuditEvent).where(AuditEvent.action == "review_undo")).one().username == "reviewer"
+
+
+def test_an_unflagged_image_opens_from_the_study_page_and_can_be_reviewed(workspace: Workspace) -> None:
+    from playwright.sync_api import expect
+
+    page, ids = workspace.page, workspace.ids
+    workspace.open(f"/studies/{ids['study']}")
+    expect(page.locator("#review-study")).to_contain_text("Review this study's flags (4 waiting)")
+    page.locator(f"#image-{ids['confident']} a.open-case").click()
+    expect(page.locator("#case-reason")).to_have_text("Not flagged: spot check")
+    key = page.locator(".label-button[data-label='fracture']").get_attribute("data-key")
+    assert key == "1"  # the model's 97 % is shown first
+    page.keyboard.press(key)
+    page.wait_for_url(lambda url: f"/review/{ids['confident']}" not in url)
+    assert [(r.image_id, r.label) for r in workspace.reviews()] == [(ids["confident"], "fracture")]
+
+
+def test_the_worklist_sorts_by_fracture_probability(workspace: Workspace) -> None:
+    page, ids = workspace.page, workspace.ids
+    workspace.open("/review")
+
+    def rows() -> list[int]:
+        return [int(row.get_attribute("id").split("-")[1]) for row in page.locator("#worklist tbody tr").all()]
+
+    assert rows() == [ids["a"], ids["b"], ids["c"], ids["audit"]]
+    page.click("#sort-fracture")
+    page.wait_for_url(lambda url: "order=suspicious" in url)
+    assert rows() == [ids["c"], ids["a"], ids["b"], ids["audit"]]
+    page.click("#sort-fracture")
+    page.wait_for_url(lambda url: "order=least_suspicious" in url)
+    assert rows() == [ids["audit"], ids["b"], ids["a"], ids["c"]]
+    page.click("#start-review")  # the cases open in the order shown
+    page.wait_for_url(lambda url: f"/review/{ids['audit']}?order=least_suspicious" in url)
+
+
+def test_zoom_and_window_can_persist_between_cases(workspace: Workspace) -> None:
+    page, ids = workspace.page, workspace.ids
+    workspace.open(f"/review/{ids['a']}")
+    page.check("#keep-view")
+    page.locator("#stage").click()
+    page.keyboard.press("+")
+    page.locator("#brightness").fill("150")
+    transform = page.locator("#layer").evaluate("e => e.style.transform")
+    page.keyboard.press("s")
+    page.wait_for_url(lambda url: url.endswith(f"/review/{ids['b']}"))
+    assert page.locator("#layer").evaluate("e => e.style.transform") == transform and "scale(1.25)" in transform
+    assert page.locator("#brightness").input_value() == "150"
+    page.uncheck("#keep-view")
+    page.keyboard.press("s")
+    page.wait_for_url(lambda url: url.endswith(f"/review/{ids['c']}"))
+    assert "scale(1)" in page.locator("#layer").evaluate("e => e.style.transform")
+
+
+def _wait_until(page, expression: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``expression`` in the page (page.wait_for_function evaluates strings, which the portal's CSP forbids)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        page.wait_for_timeout(100)
+
+
+@pytest.mark.parametrize("size", [(1440, 900), (1280, 720)])
+def test_screenshots_of_the_worklist_and_the_viewer(browser, workspace: Workspace, shots: Path, size: tuple) -> None:  # type: ignore[no-untyped-def]
+    width, height = size
+    page = _new_page(browser, workspace.portal, width, height)
+    page.goto(workspace.portal.url + "/review")
+    _wait_until(page, "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=str(shots / f"review-{width}x{height}.png"))
+    page.goto(workspace.portal.url + f"/review/{workspace.ids['a']}")
+    page.locator(".label-button[data-label='fracture']").click()
+    page.wait_for_url(lambda url: url.endswith(f"/review/{workspace.ids['b']}"))
+    _wait_until(page, "document.getElementById('xray').complete && document.getElementById('xray').naturalWidth > 0")
+    page.screenshot(path=str(shots / f"viewer-{width}x{height}.png"))
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # nothing sticks out sideways

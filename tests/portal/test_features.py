@@ -83,7 +83,7 @@ def test_rerun_with_another_version_reuses_the_images_and_shows_both_side_by_sid
     assert any(m["args"] == [rerun_id, copy_ids] for m in broker_messages(settings))
     predict(db, copy_ids, [0.99, 0.99, 0.99])
     side = browser.get(f"/studies/{study['id']}").get_data(as_text=True)
-    assert "Model versions side by side" in side and f"#{rerun_id}" in side and "99.0%" in side and "55.0%" in side
+    assert "Model versions side by side" in side and f"#{rerun_id}" in side and "99 %" in side and "55 %" in side
     same = browser.post(f"/studies/{rerun_id}/rerun", data={"csrf_token": csrf_token(side), "model_version_id": other})
     assert same.status_code == 409
 
@@ -102,8 +102,8 @@ def test_models_page_shows_agreement_confusion_flag_rate_and_plots(
     with db.transaction() as session:
         session.get(ModelVersion, production_model).extra = {"run_dir": str(run_dir)}
     page = client.get("/models").get_data(as_text=True)
-    assert "50.0% (1 of 2 reviewed cases)" in page
-    assert 'class="grid confusion"' in page and "66.7%" in page  # 2 of 3 predictions flagged today
+    assert "50 % (1 of 2 reviewed cases)" in page
+    assert 'class="grid confusion"' in page and "67 %" in page  # 2 of 3 predictions flagged today
     assert f"/models/{production_model}/plots/confusion_matrix.png" in page
     assert client.get(f"/models/{production_model}/plots/confusion_matrix.png").status_code == 200
     assert client.get(f"/models/{production_model}/plots/..%2Fsecret.png").status_code == 404

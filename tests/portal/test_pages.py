@@ -44,14 +44,14 @@ def test_pages_render_with_study_data_and_no_demo_banner_for_a_real_model(
     html = study.get_data(as_text=True)
     assert f'data-status-url="/api/studies/{body["id"]}"' in html and "study.js" in html  # live polling
     assert image.name in html and "broken.jpg" in html and "not an image" in html
-    assert f'src="/images/{good}/file"' in html and "50.0%" in html and "low confidence" in html
+    assert f'src="/images/{good}/file"' in html and "50 %" in html and "Model unsure: 50 % &lt; 90 % needed" in html
     assert "unsafe-inline" not in study.headers["Content-Security-Policy"]
     assert "<script>" not in html  # no inline script: the CSP allows only same-origin files
 
     review = client.get("/review").get_data(as_text=True)
     assert f'id="case-{good}"' in review
     models = client.get("/models").get_data(as_text=True)
-    assert "test_efficientnet" in models and "production" in models and "fracture, no_fracture" in models
+    assert "test_efficientnet" in models and "production" in models and "Fracture, No fracture" in models
     static = client.get("/static/study.js")
     assert static.status_code == 200 and b"/api/" not in static.data  # the URL comes from the page
     assert client.get("/studies/9999").status_code == 404
@@ -63,7 +63,7 @@ def test_every_page_shows_the_demo_banner_for_a_demo_model(client: FlaskClient, 
         assert BANNER in page, path
     models = client.get("/models").get_data(as_text=True)
     assert f"#{demo_model} demo model (demo, not for clinical use)" in models
-    assert "comminuted_fracture, no_fracture, simple_fracture" in models
+    assert "Comminuted fracture, No fracture, Simple fracture" in models
     api_models = client.get("/api/models").get_json()["models"]
     assert api_models[0]["is_demo"] is True and api_models[0]["is_production"] is True
 

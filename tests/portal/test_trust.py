@@ -103,7 +103,7 @@ def test_review_queue_holds_flagged_and_audit_cases_with_their_reason(client: Fl
     assert ids[6] not in [case["image_id"] for case in client.get("/api/review-queue").get_json()["cases"]]
 
     page = client.get("/review").get_data(as_text=True)
-    assert "Oldest first" in page and "Most suspicious first" in page
+    assert "Longest waiting first" in page and "Most suspicious (highest fracture probability) first" in page
     assert "4 flagged cases and 2 audit samples waiting" in page
     assert page.count(AUDIT_WORDS) == 2  # the two waiting audit cases, marked in words
     assert f'id="case-{ids[3]}"' not in page  # unflagged and not audited: not a case
@@ -118,7 +118,7 @@ def test_suspicious_order_puts_the_highest_fracture_probability_first(client: Fl
     with db.transaction() as session:
         assert [image.id for image, _ in review_queue(session, order="suspicious")] == [ids[i] for i in (1, 6, 2, 7, 0, 5, 4)]
         assert [image.id for image, _ in review_queue(session, queue["id"])] == [ids[i] for i in (0, 1, 2, 4, 5, 6, 7)]
-        with pytest.raises(ValueError, match="order must be one of oldest, suspicious"):
+        with pytest.raises(ValueError, match="order must be one of oldest, newest, suspicious"):
             review_queue(session, order="bogus")
     probabilities = [case["fracture_probability"] for case in body["cases"]]
     assert probabilities[:-1] == sorted(probabilities[:-1], reverse=True) and probabilities[-1] is None  # none last
@@ -126,7 +126,7 @@ def test_suspicious_order_puts_the_highest_fracture_probability_first(client: Fl
 
     bogus = client.get("/api/review-queue?order=bogus")
     assert bogus.status_code == 400
-    assert "order must be one of: oldest, suspicious" in bogus.get_json()["error"]
+    assert "order must be one of: oldest, newest, suspicious" in bogus.get_json()["error"]
     assert client.get("/review?order=bogus").status_code == 400
 
     page = client.get("/review?order=suspicious").get_data(as_text=True)
@@ -158,8 +158,8 @@ def test_studies_list_shows_suspected_fractures(
 
     page = client.get("/").get_data(as_text=True)
     assert "Suspected fractures" in page
-    assert '<td class="num" data-field="suspected_fractures">6</td>' in page
-    assert '<td class="num" data-field="suspected_fractures"></td>' in page
+    assert '<td class="num" data-field="suspected_fractures" data-value="6">6</td>' in page
+    assert '<td class="num" data-field="suspected_fractures" data-value="-1"></td>' in page
 
 
 TEST_METRICS = {
