@@ -15,13 +15,34 @@ from core.models import Image, ImageStatus, Study
 from core.reviewing import ORDERS, count_flagged_cases, flagged_cases, humanize_seconds, waiting_seconds
 from core.studies import record_review, suspected_fracture_counts
 from portal import extensions, openapi, presenters
-from portal.auth import record, require
+from portal.auth import may_see, record, require, visible_studies
+from portal.http import int_param
 from portal.studies import export_response, report_response
 from portal.uploads import SubmittedStudy, UploadError, collect_files, require_production_model, submit_studies
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 MAX_LIST = 500
+#: Longest ``reason`` filter of the review queue (as the OpenAPI document says).
+MAX_REASON_LENGTH = 200
+
+
+@bp.before_request
+def _refuse_unknown_query_parameters():  # type: ignore[no-untyped-def]
+    """A query parameter the operation does not take, or one given twice, is a 400 (never silently ignored)."""
+    if request.url_rule is None or request.method == "OPTIONS":
+        return None
+    allowed = openapi.query_parameters(request.url_rule.rule, request.method)
+    if allowed is None:  # an operation the document does not describe: its own test says so
+        return None
+    unknown = sorted(set(request.args) - allowed)
+    if unknown:
+        takes = f"it takes {', '.join(sorted(allowed))}" if allowed else "it takes none"
+        abort(400, f"unknown query parameter {', '.join(map(repr, unknown))} for {request.method} {request.path}: {takes}")
+    repeated = sorted(name for name in allowed if len(request.args.getlist(name)) > 1)
+    if repeated:
+        abort(400, f"query parameter {', '.join(map(repr, repeated))} given more than once")
+    return None
 
 
 @bp.errorhandler(UploadError)
@@ -31,7 +52,7 @@ def _upload_error(exc: UploadError):  # type: ignore[no-untyped-def]
 
 def _get_study(study_id: int) -> Study:
     study = extensions.db_session().get(Study, study_id) if 0 < study_id <= openapi.MAX_ID else None
-    if study is None:
+    if study is None or not may_see(study):  # another group's study is not found
         abort(404, f"study #{study_id} not found")
     return study
 
@@ -52,7 +73,8 @@ def create_study():  # type: ignore[no-untyped-def]
     """
     session, settings = extensions.db_session(), extensions.settings()
     version = require_production_model(session)
-    files = collect_files(request.files.getlist("files"), request.files.get("archive"), settings.max_upload_mb * 1024 * 1024)
+    files = collect_files(request.files.getlist("files"), request.files.get("archive"),
+                          settings.max_upload_mb * 1024 * 1024, settings.max_file_mb * 1024 * 1024)
     submitted = submit_studies(session, settings, extensions.celery_app(), request.form.get("name", ""), files, version,
                                created_by_id=current_user.id)
     studies = [_created_study(session, item) for item in submitted]
@@ -75,7 +97,10 @@ def _created_study(session, item: SubmittedStudy) -> dict:  # type: ignore[no-un
 def list_studies():  # type: ignore[no-untyped-def]
     """The newest studies with their status and counts."""
     session = extensions.db_session()
-    studies = list(session.scalars(select(Study).order_by(Study.id.desc()).limit(MAX_LIST)))
+    query = select(Study).order_by(Study.id.desc()).limit(MAX_LIST)
+    if (visible := visible_studies()) is not None:
+        query = query.where(visible)
+    studies = list(session.scalars(query))
     suspected = suspected_fracture_counts(session, studies)
     return jsonify(studies=[presenters.study_dict(session, study, suspected[study.id]) for study in studies])
 
@@ -126,21 +151,23 @@ def review_cases():  # type: ignore[no-untyped-def]
     Optional filters: `study`, and `reason` (`unsure`, `unfamiliar`, `audit`, or a flag-reason category).
     """
     session = extensions.db_session()
-    study_id = request.args.get("study", type=int)
-    if study_id is not None and not 0 < study_id <= openapi.MAX_ID:
-        abort(400, "study must be a study id")
-    reason = (request.args.get("reason") or "").strip()[:200] or None
+    study_id = int_param("study", source=request.args)
+    reason = (request.args.get("reason") or "").strip() or None
+    if reason is not None and len(reason) > MAX_REASON_LENGTH:
+        abort(400, f"reason must be at most {MAX_REASON_LENGTH} characters: unsure, unfamiliar, audit or a flag-reason category")
     order = request.args.get("order") or "oldest"
     if order not in ORDERS:
-        abort(400, f"order must be one of: {', '.join(ORDERS)} (oldest first, or highest fracture probability first)")
+        abort(400, f"order must be one of: {', '.join(ORDERS)} (oldest: longest waiting first; suspicious: highest fracture probability first)")
     cases = []
-    for image, prediction in flagged_cases(session, study_id=study_id, reason=reason, limit=MAX_LIST, order=order):
+    visible = visible_studies()
+    for image, prediction in flagged_cases(session, study_id=study_id, reason=reason, limit=MAX_LIST, order=order,
+                                           visible=visible):
         case = presenters.review_case(image, prediction)
         seconds = waiting_seconds(prediction.created_at)
         case["waiting_seconds"] = seconds
         case["waiting"] = humanize_seconds(seconds)
         cases.append(case)
-    return jsonify(count=count_flagged_cases(session, study_id=study_id, reason=reason), cases=cases)
+    return jsonify(count=count_flagged_cases(session, study_id=study_id, reason=reason, visible=visible), cases=cases)
 
 
 @bp.post("/images/<int:image_id>/review")
@@ -152,7 +179,7 @@ def review_image(image_id: int):  # type: ignore[no-untyped-def]
     if not isinstance(payload, dict):
         abort(400, "send a JSON object: {\"label\": ..., \"note\": ...}")
     image = session.get(Image, image_id) if 0 < image_id <= openapi.MAX_ID else None
-    if image is None:
+    if image is None or not may_see(image.study):
         abort(404, f"image #{image_id} not found")
     label, note = payload.get("label"), payload.get("note")
     if not isinstance(label, str) or not label:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 MAX_ID = 2**31 - 1
@@ -131,7 +133,40 @@ SCHEMAS: dict[str, Any] = {
 
 
 def document() -> dict[str, Any]:
-    """The OpenAPI 3.0 document (plain data)."""
+    """The OpenAPI 3.0 document (plain data).
+
+    Every operation may answer 400: a query parameter it does not list, or one given twice, is
+    refused rather than ignored (see :func:`query_parameters`).
+    """
+    body = _operations_document()
+    for operations in body["paths"].values():
+        for operation in operations.values():
+            operation["responses"].setdefault("400", _json(_ref("Error"), "Bad request"))
+    return body
+
+
+@functools.cache
+def _query_parameters() -> dict[tuple[str, str], frozenset[str]]:
+    return {
+        (path, method.upper()): frozenset(p["name"] for p in operation.get("parameters", []) if p["in"] == "query")
+        for path, operations in _operations_document()["paths"].items()
+        for method, operation in operations.items()
+    }
+
+
+def query_parameters(rule: str, method: str) -> frozenset[str] | None:
+    """The query parameters the document lists for an operation, or ``None`` when it does not describe it.
+
+    Args:
+        rule: the Flask URL rule (``/api/studies/<int:study_id>/export``) or the document's path.
+        method: the HTTP method (``HEAD`` counts as ``GET``).
+    """
+    path = re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule)
+    return _query_parameters().get((path, "GET" if method.upper() == "HEAD" else method.upper()))
+
+
+def _operations_document() -> dict[str, Any]:
+    """The document as written by hand, before :func:`document` adds what every operation shares."""
     study_id, image_id = _id_param("study_id"), _id_param("image_id")
     return {
         "openapi": "3.0.3",
@@ -202,8 +237,11 @@ def document() -> dict[str, Any]:
                     {"name": "reason", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 200},
                      "description": "unsure, unfamiliar, audit, or a flag-reason category"},
                     {"name": "order", "in": "query", "required": False,
-                     "schema": {"type": "string", "enum": ["oldest", "suspicious"], "default": "oldest"},
-                     "description": "oldest first, or suspicious: highest fracture probability first (none last), then oldest"},
+                     "schema": {"type": "string", "enum": ["oldest", "newest", "suspicious", "least_suspicious", "label",
+                                                           "reason", "study"], "default": "oldest"},
+                     "description": "oldest (longest waiting) first; newest first; suspicious: highest fracture probability "
+                                    "first (none last), then oldest; least_suspicious; label (the model's, then most "
+                                    "suspicious); reason (unsure, unfamiliar, audit); study"},
                 ],
                 "responses": {"200": _json({"type": "object", "required": ["count", "cases"], "properties": {
                     "count": INTEGER, "cases": {"type": "array", "items": _ref("Case")}}}, "Waiting cases"),

@@ -5,6 +5,14 @@ other files of the upload make one study, as before. Every file goes through
 :func:`core.studies.add_upload`, which checks it, stores it by sha256 and records failures with a
 message. File and member names are display names only: they never reach the file system. Tasks are
 sent only after the commit that recorded the images.
+
+Files are read in blocks and refused as early as possible (:func:`read_file`): a file or zip member
+whose (declared) size is over ``TRIAGE_MAX_FILE_MB`` is not read at all, one whose first 64 KB
+cannot start an image (zeros, a video, a zip inside the zip) is not read further, and no file is read
+past the limit whatever its zip header claimed. Such files are recorded as failed with the reason
+(:class:`RefusedFile`). A zip whose members declare more than ``TRIAGE_MAX_UPLOAD_MB`` in all is
+refused before anything is extracted. Zips inside the zip are not expanded: they fail with a
+message saying so.
 """
 
 from __future__ import annotations
@@ -13,8 +21,10 @@ import logging
 import re
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import IO
 
 from celery import Celery
 from sqlalchemy.orm import Session
@@ -24,12 +34,15 @@ from core import registry
 from core.config import Settings
 from core.models import Image, ImageStatus, ModelVersion, Study
 from core.queue import enqueue_images
-from core.dicom import group_files
-from core.studies import add_upload, create_dicom_study, finish_study_if_complete
+from core.dicom import UploadGroup, group_files
+from core.imaging import content_problem
+from core.studies import add_refused_upload, add_upload, create_dicom_study, file_too_large, finish_study_if_complete
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK = 1 << 20
+#: Bytes read first, to tell from its signature whether a file can be an image at all.
+HEAD_BYTES = 64 * 1024
 NO_MODEL_MESSAGE = (
     "No production model: uploads are refused until a model version is promoted. "
     "Register and promote one with `triage model register ... --promote`, or run the demo."
@@ -43,6 +56,19 @@ class UploadError(Exception):
         super().__init__(message)
         self.message = message
         self.status = status
+
+
+@dataclass(frozen=True)
+class RefusedFile:
+    """A file of an upload refused before it was read in full; recorded as a failed image with ``reason``."""
+
+    name: str
+    size_bytes: int
+    reason: str
+
+
+#: One file of an upload: ``(display name, bytes)``, or a file refused before it was read in full.
+UploadedFile = tuple[str, bytes] | RefusedFile
 
 
 @dataclass
@@ -80,12 +106,62 @@ def _skipped_member(info: zipfile.ZipInfo) -> bool:
     return info.is_dir() or not parts or parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts)
 
 
-def read_zip(archive: FileStorage, limit_bytes: int) -> list[tuple[str, bytes]]:
-    """The files of a zip upload as ``(display name, bytes)``.
+def read_file(name: str, stream: IO[bytes], size: int, max_file_bytes: int, declared_by: str = "") -> UploadedFile:
+    """Read one file of an upload in blocks, refusing it as early as its size or content allows.
 
-    Directories, ``__MACOSX/`` and dotfiles are skipped. The whole archive is refused when a member
-    name is absolute or contains ``..`` (400), when it is not a readable zip (400), or when it
-    unpacks to more than ``limit_bytes`` (413; checked on the headers and again while reading).
+    Args:
+        name: display name.
+        stream: the file's content.
+        size: its size as far as known (a zip member: the size its header declares).
+        max_file_bytes: ``TRIAGE_MAX_FILE_MB`` in bytes.
+        declared_by: where ``size`` comes from when it is a claim (``"declared by the zip"``), for messages.
+
+    Returns:
+        ``(name, bytes)``, or a :class:`RefusedFile`: without reading anything when ``size`` is over
+        ``max_file_bytes``; after its first :data:`HEAD_BYTES` when they cannot start an image
+        (:func:`core.imaging.content_problem`; smaller files are read whole and checked as usual);
+        and as soon as more than ``max_file_bytes`` have been read, whatever ``size`` claimed.
+    """
+    if size > max_file_bytes:
+        reason = file_too_large(size, max_file_bytes, declared_by)
+        return RefusedFile(name, size, f"{reason}; not read" if declared_by else reason)
+    head = stream.read(HEAD_BYTES)
+    if len(head) == HEAD_BYTES:  # more may follow: not worth reading when this cannot be an image
+        problem = content_problem(head)
+        if problem is not None:
+            return RefusedFile(name, size, problem)
+    blocks, total = [head], len(head)
+    while block := stream.read(READ_BLOCK):
+        total += len(block)
+        if total > max_file_bytes:
+            claim = f" ({size:,} {declared_by})" if declared_by else ""
+            return RefusedFile(name, total, file_too_large(total, max_file_bytes, f"read before stopping{claim}"))
+        blocks.append(block)
+    return name, b"".join(blocks)
+
+
+def _stream_size(stream: IO[bytes]) -> int:
+    """The size of a seekable upload stream (werkzeug spools file parts to memory or disk); 0 when unknown."""
+    try:
+        position = stream.tell()
+        size = stream.seek(0, 2) - position
+        stream.seek(position)
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return size
+
+
+def read_zip(archive: FileStorage, limit_bytes: int, max_file_bytes: int) -> list[UploadedFile]:
+    """The files of a zip upload, in order: ``(display name, bytes)`` or :class:`RefusedFile`.
+
+    Directories, ``__MACOSX/`` and dotfiles are skipped. A member is refused on its own (see
+    :func:`read_file`) when its declared size is over ``max_file_bytes`` (``TRIAGE_MAX_FILE_MB``;
+    not extracted) or when its first bytes cannot start an image; a member that is itself a zip
+    fails like any non-image, with a message saying that zips inside a zip are not expanded
+    (:data:`core.imaging.ZIP_NOT_IMAGE`). The whole archive is refused when a member name is absolute or contains
+    ``..`` (400), when it is not a readable zip (400), or when its other members unpack to more than
+    ``limit_bytes`` (413, naming ``TRIAGE_MAX_UPLOAD_MB``; checked on the declared sizes before
+    anything is extracted, and again after each member).
     """
     label = archive.filename or "archive"
     try:
@@ -100,51 +176,56 @@ def read_zip(archive: FileStorage, limit_bytes: int) -> list[tuple[str, bytes]]:
                 f"{label} refused: member path(s) {', '.join(repr(n) for n in unsafe[:5])} are absolute or contain '..'"
             )
         wanted = [info for info in members if not _skipped_member(info)]
-        declared = sum(info.file_size for info in wanted)
+        declared = sum(info.file_size for info in wanted if info.file_size <= max_file_bytes)
         if declared > limit_bytes:
             raise UploadError(
                 f"{label} refused: it unpacks to {declared:,} bytes, over the limit of {_limit_message(limit_bytes)}",
                 status=413,
             )
-        files: list[tuple[str, bytes]] = []
+        files: list[UploadedFile] = []
         total = 0
         for info in wanted:
-            blocks: list[bytes] = []
             try:
                 with bundle.open(info) as member:
-                    while block := member.read(READ_BLOCK):
-                        total += len(block)
-                        if total > limit_bytes:
-                            raise UploadError(
-                                f"{label} refused: it unpacks to more than the limit of {_limit_message(limit_bytes)}",
-                                status=413,
-                            )
-                        blocks.append(block)
+                    item = read_file(info.filename, member, info.file_size, max_file_bytes, "declared by the zip")
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
                 raise UploadError(f"{label} is corrupt: cannot read {info.filename!r} ({exc})") from None
             except NotImplementedError as exc:
                 raise UploadError(f"{label}: {info.filename!r} uses an unsupported compression ({exc})") from None
             except RuntimeError as exc:  # zipfile raises RuntimeError for encrypted members
                 raise UploadError(f"{label}: cannot read {info.filename!r} ({exc}); encrypted zips are not supported") from None
-            files.append((info.filename, b"".join(blocks)))
+            total += 0 if isinstance(item, RefusedFile) else len(item[1])
+            if total > limit_bytes:  # only if a header lied and zipfile did not notice
+                raise UploadError(
+                    f"{label} refused: it unpacks to more than the limit of {_limit_message(limit_bytes)}", status=413
+                )
+            files.append(item)
     if not files:
         raise UploadError(f"{label} contains no files")
     return files
 
 
-def collect_files(files: list[FileStorage], archive: FileStorage | None, limit_bytes: int) -> list[tuple[str, bytes]]:
-    """Every uploaded file as ``(display name, bytes)``: the plain files, then the zip's members.
+def collect_files(
+    files: list[FileStorage], archive: FileStorage | None, limit_bytes: int, max_file_bytes: int
+) -> list[UploadedFile]:
+    """Every uploaded file, the plain files then the zip's members, read with :func:`read_file`.
+
+    Args:
+        files: the request's ``files`` parts.
+        archive: its ``archive`` part (a zip), if any.
+        limit_bytes: ``TRIAGE_MAX_UPLOAD_MB`` in bytes (what the zip may unpack to).
+        max_file_bytes: ``TRIAGE_MAX_FILE_MB`` in bytes.
 
     Raises:
         UploadError: no files at all (400), or a bad zip (see :func:`read_zip`).
     """
-    collected: list[tuple[str, bytes]] = []
+    collected: list[UploadedFile] = []
     for upload in files:
         if not upload.filename:  # an empty <input type=file> sends a part with no file name
             continue
-        collected.append((upload.filename, upload.read()))
+        collected.append(read_file(upload.filename, upload.stream, _stream_size(upload.stream), max_file_bytes))
     if archive is not None and archive.filename:
-        collected.extend(read_zip(archive, limit_bytes))
+        collected.extend(read_zip(archive, limit_bytes, max_file_bytes))
     if not collected:
         raise UploadError("No files in the request: send one or more `files` and/or an `archive` zip.")
     return collected
@@ -155,24 +236,34 @@ def submit_studies(
     settings: Settings,
     celery: Celery,
     name: str,
-    files: list[tuple[str, bytes]],
+    files: Sequence[UploadedFile],
     model_version: ModelVersion,
     created_by_id: int | None = None,
 ) -> list[SubmittedStudy]:
     """Record one study per DICOM study (and one for the other files), audited as uploads; commit; queue.
 
     With several studies each name gets the study's modality, body part and date (or "other
-    files"). The studies come back in the order their first file was sent.
+    files"). The studies come back in the order their first file was sent. Files refused before
+    they were read (:class:`RefusedFile`) are recorded as failed in the other files' study, or in
+    the first study when every readable file is DICOM.
     """
     from portal.auth import record
 
-    groups = group_files(files, settings.secret_key)
+    refused = [item for item in files if isinstance(item, RefusedFile)]
+    groups = group_files([item for item in files if not isinstance(item, RefusedFile)], settings.secret_key)
+    home = next((g for g in groups if g.study_instance_uid is None), groups[0] if groups else None)
+    if refused and home is None:
+        home = UploadGroup(None)
+        groups.append(home)
     base = name.strip()
     submitted: list[SubmittedStudy] = []
     for group in groups:
         study_name = base if len(groups) == 1 else f"{base or 'Upload'} ({group.describe()})"
         study = create_dicom_study(session, study_name, model_version, group, created_by_id=created_by_id)
         images = [add_upload(session, settings, study, filename, data, meta, flush=False) for filename, data, meta in group.files]
+        if group is home:
+            images += [add_refused_upload(session, study, item.name, item.size_bytes, item.reason, flush=False)
+                       for item in refused]
         session.flush()  # one multi-row INSERT for the whole group
         queued = [image.id for image in images if image.status == ImageStatus.QUEUED]
         record("upload", "study", study.id, {"files": len(images), "queued": len(queued), "studies_in_upload": len(groups)})
@@ -200,7 +291,7 @@ def submit_study(
     settings: Settings,
     celery: Celery,
     name: str,
-    files: list[tuple[str, bytes]],
+    files: Sequence[UploadedFile],
     model_version: ModelVersion,
     created_by_id: int | None = None,
 ) -> SubmittedStudy:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from core.imaging import ImageDecodeError, decode_image, inspect_image
+from core.imaging import ImageDecodeError, content_problem, decode_image, inspect_image, sniff_format
 from core.storage import ContentStore, sha256_bytes
+from tests.conftest import saved_image
 
 
 def _jpeg(width: int = 80, height: int = 64) -> bytes:
@@ -115,3 +117,70 @@ def test_images_too_small_to_read_are_refused_at_upload(size: tuple[int, int]) -
     buffer = io.BytesIO()
     Image.new("L", (64, 64), 90).save(buffer, "PNG")
     assert inspect_image(buffer.getvalue(), max_pixels=10_000_000).width == 64
+
+
+@pytest.mark.parametrize(
+    ("pil_format", "recorded", "shades"),
+    [
+        ("JPEG", "jpeg", (90,)),
+        ("PNG", "png", (90,)),
+        ("GIF", "gif", (90,)),
+        ("BMP", "bmp", (90,)),
+        ("TIFF", "tiff", (90,)),
+        ("WEBP", "webp", (90,)),
+        # Multi-frame files are read as their first frame.
+        ("GIF", "gif", (40, 200)),
+        ("TIFF", "tiff", (40, 200)),
+        ("WEBP", "webp", (40, 200)),
+        ("MPO", "jpeg", (40, 200)),  # a multi-picture JPEG (cameras, phones)
+    ],
+)
+def test_each_supported_format_decodes_to_an_rgb_picture_of_its_first_frame(
+    pil_format: str, recorded: str, shades: tuple[int, ...]
+) -> None:
+    data = saved_image(pil_format, *shades)
+    assert sniff_format(data[:132]) == recorded and content_problem(data[:132]) is None
+    info = inspect_image(data, max_pixels=10_000_000)
+    assert (info.format, info.width, info.height) == (recorded, 96, 80)
+    picture = decode_image(data, max_pixels=10_000_000)
+    assert picture.mode == "RGB" and picture.size == (96, 80)
+    red, green, blue = picture.getpixel((48, 40))
+    assert red == green == blue and abs(red - shades[0]) <= 4, (pil_format, picture.getpixel((48, 40)))
+
+
+@pytest.mark.parametrize("pil_format", ["PPM", "ICO", "PCX", "TGA", "SGI"])
+def test_other_formats_pillow_knows_are_refused_by_name(pil_format: str) -> None:
+    data = saved_image(pil_format, 90)
+    for check in (inspect_image, decode_image):
+        with pytest.raises(ImageDecodeError, match=rf"^unsupported image format {pil_format}: use JPEG, PNG, GIF, BMP, TIFF, WebP or DICOM"):
+            check(data, 10_000_000)
+
+
+def test_a_png_with_a_bad_checksum_is_a_corrupt_png_not_not_an_image() -> None:
+    data = bytearray(saved_image("PNG", 90))
+    data[29] ^= 0xFF  # the CRC of the IHDR chunk (8-byte signature + length + type + 13 data bytes)
+    for check in (inspect_image, decode_image):
+        with pytest.raises(ImageDecodeError, match=r"^corrupt PNG file: .*bad header checksum in b'IHDR'"):
+            check(bytes(data), 10_000_000)
+
+
+@pytest.mark.parametrize(("pil_format", "name"), [
+    ("JPEG", "JPEG"), ("PNG", "PNG"), ("GIF", "GIF"), ("BMP", "BMP"), ("TIFF", "TIFF"), ("WEBP", "WebP"),
+])
+def test_a_cut_header_names_the_format_it_claims(pil_format: str, name: str) -> None:
+    for length in (12, 16, 30):  # 12 bytes: the longest signature (WebP) is complete
+        with pytest.raises(ImageDecodeError, match=rf"^corrupt (or truncated )?{name} file: ") as caught:
+            inspect_image(saved_image(pil_format, 90)[:length], 10_000_000)
+        assert "unpack_from" not in str(caught.value)  # Pillow's struct errors are said plainly
+
+
+def test_a_zip_or_zeros_are_not_images_from_their_first_bytes() -> None:
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("inner.png", saved_image("PNG", 90))
+    with pytest.raises(ImageDecodeError, match="^a zip archive, not an image: .*zips inside a zip are not expanded"):
+        inspect_image(archive.getvalue(), 10_000_000)
+    assert content_problem(archive.getvalue()[:4096]).startswith("a zip archive, not an image")  # type: ignore[union-attr]
+    assert content_problem(bytes(1 << 20)).startswith("not an image")  # type: ignore[union-attr]
+    assert content_problem(saved_image("PPM", 90)).startswith("unsupported image format PPM")  # type: ignore[union-attr]
+    assert sniff_format(bytes(1 << 20)) is None

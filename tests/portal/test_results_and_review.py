@@ -96,7 +96,7 @@ def test_viewer_records_a_label_with_csrf_and_opens_the_next_case(app, db: Datab
     assert f'href="/review/{first}"' in queue and 'class="waiting"' in queue
 
     page = client.get(f"/review/{first}").get_data(as_text=True)
-    assert "55.0%" in page and "45.0%" in page  # probability of every class is shown
+    assert "55 %" in page and "45 %" in page  # probability of every class is shown
     assert 'data-label="no_fracture" data-key="2"' in page and 'data-model-label="fracture"' in page
     assert 'id="brightness"' in page and 'id="contrast"' in page and "viewer.js" in page
     assert "No heat map stored" in page  # predictions written here carry none
@@ -127,3 +127,30 @@ def test_queue_filters_by_study_and_flag_reason(client: FlaskClient, db: Databas
     page = client.get("/review?reason=nothing+like+it").get_data(as_text=True)
     assert f'id="case-{first}"' not in page and "0 flagged cases waiting" in page
     assert '<option value="low confidence"' in client.get("/review").get_data(as_text=True)
+
+
+@pytest.mark.parametrize(("url", "names"), [
+    ("/api/review-queue?study=abc", "study"),
+    ("/api/review-queue?study=0", "study"),
+    ("/api/review-queue?study=1.5", "study"),
+    ("/api/review-queue?reason=" + "x" * 201, "reason"),
+    ("/api/review-queue?order=random", "order"),
+    ("/api/review-queue?studdy=1", "'studdy'"),  # a misspelt filter is not ignored
+    ("/api/review-queue?order=oldest&order=suspicious", "'order' given more than once"),
+    ("/api/review-queue?study=1&study=2", "'study' given more than once"),
+    ("/api/studies/1/export?format=xml", "format"),
+    ("/api/studies/1/export?fmt=csv", "'fmt'"),
+    ("/api/studies?limit=5", "'limit'"),
+    ("/api/models?production=1", "'production'"),
+])
+def test_bad_query_parameters_of_the_api_are_a_400_that_names_them(client: FlaskClient, study: dict, url: str, names: str) -> None:
+    response = client.get(url)
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert names in response.get_json()["error"]
+
+
+def test_good_and_empty_query_parameters_are_accepted(client: FlaskClient, study: dict) -> None:
+    assert client.get(f"/api/review-queue?study={study['id']}&reason=low+confidence&order=suspicious").get_json()["count"] == 2
+    assert client.get("/api/review-queue?study=&reason=&order=").get_json()["count"] == 2  # empty: no filter
+    assert client.get("/api/review-queue?reason=" + "x" * 200).get_json()["count"] == 0
+    assert client.get(f"/api/studies/{study['id']}/export?format=csv").status_code == 200

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import tracemalloc
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from celery.signals import before_task_publish
@@ -18,7 +22,8 @@ from core.models import Image, Study
 from core.queue import CLASSIFY_CHUNK_TASK
 from core.storage import sha256_bytes
 from portal import create_app
-from tests.conftest import make_settings, xray_sample
+from portal.uploads import READ_BLOCK, RefusedFile, read_file
+from tests.conftest import deploy_tiny_model, make_settings, saved_image, xray_sample
 from tests.portal.conftest import admin_token, broker_messages, files_under, token_client
 
 
@@ -31,12 +36,43 @@ def _post(client: FlaskClient, name: str, files: dict[str, bytes] | None = None,
     return client.post("/api/studies", data=data, content_type="multipart/form-data")
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
+def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as bundle:
+    with zipfile.ZipFile(buffer, "w", compression) as bundle:
         for name, content in members.items():
             bundle.writestr(name, content)
     return buffer.getvalue()
+
+
+T = TypeVar("T")
+MB = 1024 * 1024
+
+
+def _peak_allocated(call: Callable[[], T]) -> tuple[T, int]:
+    """``call()``, and the peak of the memory Python allocated during it (tracemalloc counts only what is allocated while it runs)."""
+    tracemalloc.start()
+    try:
+        result = call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
+
+
+@pytest.fixture
+def limited_portal(tmp_path: Path, tiny_weights: dict[str, object]) -> Iterator[Callable[..., tuple[FlaskClient, Settings]]]:
+    """Make a portal with the given settings (e.g. ``max_file_mb=1``) and a production model: (admin API client, settings)."""
+    databases: list[Database] = []
+
+    def make(**overrides: object) -> tuple[FlaskClient, Settings]:
+        limited = make_settings(tmp_path / "limited", **overrides)
+        database, _ = deploy_tiny_model(limited, tiny_weights)
+        databases.append(database)
+        return token_client(create_app(limited), admin_token(database)), limited
+
+    yield make
+    for database in databases:
+        database.dispose()
 
 
 def test_upload_stores_good_images_fails_bad_ones_and_queues_one_task_per_chunk_after_commit(
@@ -144,17 +180,9 @@ def test_corrupt_zip_is_a_clear_400(client: FlaskClient, production_model: int, 
 
 
 def test_zip_bomb_over_the_upload_limit_is_refused_with_413(
-    db: Database, tmp_path: Path, tiny_weights: dict[str, object]
+    limited_portal: Callable[..., tuple[FlaskClient, Settings]],
 ) -> None:
-    from tests.conftest import register_tiny_model
-
-    small = make_settings(tmp_path / "small", max_upload_mb=1)
-    from core.migrate import upgrade
-
-    upgrade(small.database_url)
-    small_db = Database(small)
-    register_tiny_model(small_db, small, tiny_weights)
-    client = token_client(create_app(small), admin_token(small_db))
+    client, small = limited_portal(max_upload_mb=1)
     bomb = _zip({"zeros.jpg": b"\x00" * (3 * 1024 * 1024)})
     assert len(bomb) < 100_000  # the request itself is small; only its content is large
     response = _post(client, "bomb", archive=bomb)
@@ -162,7 +190,6 @@ def test_zip_bomb_over_the_upload_limit_is_refused_with_413(
     error = response.get_json()["error"]
     assert "unpacks to" in error and "TRIAGE_MAX_UPLOAD_MB" in error
     assert broker_messages(small) == []
-    small_db.dispose()
 
 
 def test_request_over_the_upload_limit_is_413_naming_the_setting(tmp_path: Path) -> None:
@@ -237,3 +264,133 @@ def test_study_whose_every_file_is_refused_is_done_at_once_with_no_task(
     assert body["counts"]["failed"] == 2 and body["counts"]["total"] == 2
     assert broker_messages(settings) == []
     assert client.get(f"/api/studies/{body['id']}").get_json()["status"] == "done"
+
+
+def test_zip_members_declared_over_the_file_limit_are_refused_without_being_read(
+    limited_portal: Callable[..., tuple[FlaskClient, Settings]],
+) -> None:
+    client, limited = limited_portal(max_file_mb=1, max_upload_mb=16)
+    zeros = bytes(8 * MB)
+    members = {f"scans/{index}.png": zeros for index in range(8)}  # 64 MB declared: 4 times the upload limit
+    archive = _zip({**members, "scans/ok.png": saved_image("PNG", 90)})
+    assert len(archive) < 200_000
+    oversized_plain_file = saved_image("PNG", 90)[:16] + bytes(2 * MB)
+
+    def upload():  # type: ignore[no-untyped-def]
+        return client.post("/api/studies", data={
+            "name": "declared too large", "archive": (io.BytesIO(archive), "bomb.zip"),
+            "files": [(io.BytesIO(oversized_plain_file), "big.png")],
+        }, content_type="multipart/form-data")
+
+    response, peak = _peak_allocated(upload)
+    assert response.status_code == 201, response.get_json()
+    files = {item["filename"]: item for item in response.get_json()["files"]}
+    for name in members:
+        assert files[name]["status"] == "failed"
+        assert files[name]["error"] == (
+            "file too large: 8,388,608 bytes declared by the zip, limit 1,048,576 (TRIAGE_MAX_FILE_MB); not read"
+        )
+    assert files["big.png"]["error"] == "file too large: 2,097,168 bytes, limit 1,048,576 (TRIAGE_MAX_FILE_MB)"
+    assert files["scans/ok.png"]["status"] == "queued"
+    assert len(broker_messages(limited)) == 1
+    # Nothing large was allocated: not one 8 MB member, let alone the 64 MB they claim together.
+    assert peak < 6 * MB, f"peak {peak:,} bytes"
+
+
+def test_zip_of_large_members_that_are_not_images_is_refused_from_their_first_block(
+    limited_portal: Callable[..., tuple[FlaskClient, Settings]],
+) -> None:
+    # The reported case, scaled down: members under the file limit, together under the upload limit,
+    # that are not images. They used to be extracted whole (all at once) before each was refused.
+    client, limited = limited_portal(max_file_mb=10, max_upload_mb=128)
+    zeros = bytes(8 * MB)
+    archive = _zip({f"m{index}.jpg": zeros for index in range(8)})
+    response, peak = _peak_allocated(lambda: _post(client, "zeros", archive=archive))
+    assert response.status_code == 201, response.get_json()
+    body = response.get_json()
+    assert [item["status"] for item in body["files"]] == ["failed"] * 8
+    assert all(item["error"].startswith("not an image: the content is not JPEG, PNG, GIF") for item in body["files"])
+    assert broker_messages(limited) == []
+    assert peak < 8 * MB, f"peak {peak:,} bytes: a whole member was extracted (before: all 64 MB at once)"
+
+
+def test_zip_whose_members_together_exceed_the_upload_limit_is_refused_before_extraction(
+    limited_portal: Callable[..., tuple[FlaskClient, Settings]],
+) -> None:
+    client, limited = limited_portal(max_file_mb=1, max_upload_mb=2)
+    # Each member is under the file limit; together they declare 3 MB, over the 2 MB upload limit.
+    archive = _zip({f"part{index}.png": saved_image("PNG", 90)[:16] + bytes(MB - 16) for index in range(3)})
+    response, peak = _peak_allocated(lambda: _post(client, "too much", archive=archive))
+    assert response.status_code == 413
+    assert response.get_json()["error"] == (
+        "batch.zip refused: it unpacks to 3,145,728 bytes, over the limit of 2 MB (TRIAGE_MAX_UPLOAD_MB)"
+    )
+    assert peak < 1 * MB, f"peak {peak:,} bytes: a member was extracted"
+    assert broker_messages(limited) == []
+
+
+def _lie_about_size(archive: bytes, name: bytes, size: int) -> bytes:
+    """``archive`` whose local and central headers declare ``size`` uncompressed bytes for member ``name``."""
+    data = bytearray(archive)
+    local = data.index(b"PK\x03\x04" + data[4:8])  # the first member's local header
+    central = data.index(b"PK\x01\x02")
+    assert data[local + 30:local + 30 + len(name)] == name and data[central + 46:central + 46 + len(name)] == name
+    struct.pack_into("<I", data, local + 22, size)
+    struct.pack_into("<I", data, central + 24, size)
+    return bytes(data)
+
+
+def test_a_zip_header_that_understates_a_member_cannot_make_it_read_past_its_claim(
+    client: FlaskClient, production_model: int, settings: Settings
+) -> None:
+    png = saved_image("PNG", 90)
+    archive = _lie_about_size(_zip({"liar.png": png[:64] + bytes(8 * MB)}), b"liar.png", 1000)
+    response, peak = _peak_allocated(lambda: _post(client, "liar", archive=archive))
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error.startswith("batch.zip is corrupt: cannot read 'liar.png'") and "CRC" in error
+    assert peak < 4 * MB, f"peak {peak:,} bytes: the member was read past its claimed size"
+    assert broker_messages(settings) == []
+
+
+def test_reading_a_file_stops_at_the_file_limit_whatever_its_size_claimed() -> None:
+    stream = io.BytesIO(saved_image("PNG", 90)[:64] + bytes(5 * MB))
+    item = read_file("liar.png", stream, 100, 2 * MB, "declared by the zip")
+    assert isinstance(item, RefusedFile)
+    assert item.reason.startswith("file too large: ") and "(100 declared by the zip)" in item.reason
+    assert item.reason.endswith("limit 2,097,152 (TRIAGE_MAX_FILE_MB)")
+    assert stream.tell() <= 2 * MB + READ_BLOCK  # it stopped there, not at the end
+    assert read_file("small.png", io.BytesIO(b"\x89PNG small"), 11, 2 * MB) == ("small.png", b"\x89PNG small")
+
+
+@pytest.mark.parametrize("inner_size", ["small", "large"])  # large: refused from its first bytes
+def test_a_zip_inside_the_zip_is_not_expanded_and_says_so(
+    client: FlaskClient, db: Database, settings: Settings, production_model: int, inner_size: str
+) -> None:
+    image = saved_image("PNG", 90)
+    padding = bytes(2 * READ_BLOCK) if inner_size != "small" else b""
+    inner = _zip({"a.png": saved_image("PNG", 120), "padding.bin": padding}, compression=zipfile.ZIP_STORED)
+    response = _post(client, "nested", archive=_zip({"batch/ok.png": image, "batch/a.zip": inner}))
+    assert response.status_code == 201, response.get_json()
+    files = {item["filename"]: item for item in response.get_json()["files"]}
+    assert files["batch/ok.png"]["status"] == "queued"
+    assert files["batch/a.zip"]["status"] == "failed"
+    assert files["batch/a.zip"]["error"].startswith("a zip archive, not an image: ")
+    assert "zips inside a zip are not expanded" in files["batch/a.zip"]["error"]
+    assert {p.name for p in files_under(settings.storage_dir)} == {sha256_bytes(image)}
+
+
+def test_each_supported_format_is_accepted_and_others_are_refused_with_a_reason(
+    client: FlaskClient, production_model: int, settings: Settings
+) -> None:
+    accepted = {f"scan.{name.lower()}": saved_image(name, 90) for name in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")}
+    accepted["animated.gif"] = saved_image("GIF", 40, 200)  # the first frame is classified
+    bad_crc = bytearray(saved_image("PNG", 90))
+    bad_crc[29] ^= 0xFF  # the IHDR chunk's CRC
+    refused = {"bad-crc.png": bytes(bad_crc), "scan.ppm": saved_image("PPM", 90)}
+    response = _post(client, "formats", {**accepted, **refused})
+    assert response.status_code == 201, response.get_json()
+    files = {item["filename"]: item for item in response.get_json()["files"]}
+    assert {name: files[name]["status"] for name in accepted} == dict.fromkeys(accepted, "queued")
+    assert files["bad-crc.png"]["error"].startswith("corrupt PNG file: ")
+    assert files["scan.ppm"]["error"].startswith("unsupported image format PPM: use JPEG, PNG, GIF, BMP, TIFF, WebP or DICOM")
