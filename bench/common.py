@@ -6,11 +6,16 @@ import io
 import os
 import platform
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from core.config import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_XRAYS = Path(os.environ.get("TRIAGE_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data")) / "xrays"
@@ -83,3 +88,37 @@ def git_revision() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """This process's environment with every ``TRIAGE_*`` variable replaced by ``settings``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRIAGE_")}
+    env.update({f"TRIAGE_{key.upper()}": str(value) for key, value in settings.model_dump().items() if value is not None})
+    return env
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``condition`` until it is truthy; exit naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def start_worker(env: dict[str, str], log_path: Path, hostname: str = "bench") -> subprocess.Popen[bytes]:
+    """Start a real `celery -A worker worker` (one pool child) with ``env``; returns once it is ready."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", "--concurrency", "1",
+         "--without-gossip", "--without-mingle", "--hostname", f"{hostname}-{os.getpid()}@%h"],
+        cwd=PROJECT_ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+    )
+
+    def ready() -> bool:
+        if worker.poll() is not None:
+            raise SystemExit(f"the worker exited with {worker.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
+        return " ready." in log_path.read_text(errors="replace")
+
+    wait_until(ready, 120, "the worker")
+    return worker

@@ -28,11 +28,11 @@ from pathlib import Path
 import requests
 import sqlalchemy as sa
 
-from bench.common import PROJECT_ROOT, git_revision, machine_line, make_jpegs, original_loop
+from bench.common import PROJECT_ROOT, git_revision, machine_line, make_jpegs, original_loop, settings_env, start_worker, wait_until
 from bench.engine import run_engine
 from core import registry
 from core.auth import create_user, issue_token
-from core.config import Settings, load_settings
+from core.config import load_settings
 from core.db import Database
 from core.migrate import upgrade
 from core.models import Study
@@ -50,21 +50,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-    env.update({f"TRIAGE_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None})
-    return env
-
-
-def _wait(condition, timeout: float, what: str, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,13 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             del predictor
 
         log_path = Path(tmp.name) / "worker.log"
-        env = _env(settings)
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", "--concurrency", "1",
-             "--without-gossip", "--without-mingle", "--hostname", f"bench-{os.getpid()}@%h"],
-            cwd=PROJECT_ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-        )
-        processes.append(worker)
+        env = settings_env(settings)
         port = _free_port()
         portal = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4",
@@ -156,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         processes.append(portal)
-        _wait(lambda: " ready." in log_path.read_text(errors="replace"), 120, "the worker")
+        worker = start_worker(env, log_path)
+        processes.append(worker)
 
         def portal_up() -> bool:
             try:
@@ -164,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             except requests.ConnectionError:
                 return False
 
-        _wait(portal_up, 60, "the portal")
+        wait_until(portal_up, 60, "the portal")
         # Warm the worker's model cache with a tiny study, as a production worker would be warm.
         headers = {"Authorization": f"Bearer {token}"}
         warm = requests.post(f"http://127.0.0.1:{port}/api/studies", headers=headers, data={"name": "warm-up"},
                              files=[("files", ("w.jpg", images[0], "image/jpeg"))], timeout=600).json()["id"]
-        _wait(lambda: requests.get(f"http://127.0.0.1:{port}/api/studies/{warm}", headers=headers, timeout=30).json()["status"] == "done", 600, "warm-up")
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/api/studies/{warm}", headers=headers, timeout=30).json()["status"] == "done", 600, "warm-up")
         warm_lines = len(log_path.read_text(errors="replace").splitlines())
 
         def worker_rss_mb() -> float:
@@ -205,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for study_id in study_ids:
             # Poll like the study page does (about once a second), not in a tight loop that would
             # steal CPU from the worker on a small machine.
-            _wait(lambda: study_done(study_id), 7200, f"study {study_id}", interval=1.0)
+            wait_until(lambda: study_done(study_id), 7200, f"study {study_id}", interval=1.0)
             rss_samples.append(worker_rss_mb())
         # The spans end when the worker finished the last study (its finished_at), not when a poll
         # happened to notice, so the polling interval does not count against the system.

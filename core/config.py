@@ -56,15 +56,6 @@ class Settings(BaseModel):
         ge=1_000_000,
         description="Largest image (width x height) accepted; guards against decompression bombs.",
     )
-    reduce_above_pixels: int = Field(
-        default=4096 * 4096,
-        ge=0,
-        description="Worker: images with more pixels (width x height) than this are reduced while they are "
-        "decoded, by a whole factor, to no less than twice the model's input (JPEG: DCT-domain draft; other "
-        "formats and DICOM: box filter right after loading, converted strip by strip), so a huge image never "
-        "exists at full size in RGB. Images up to this size are decoded in full: the model sees exactly what "
-        "a full decode gives.",
-    )
     decode_pixel_budget: int = Field(
         default=60_000_000,
         ge=1_000_000,

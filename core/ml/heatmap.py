@@ -103,16 +103,22 @@ def display_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def heatmap_pngs(predictor: object, pictures: Sequence[PILImage.Image]) -> list[bytes]:
-    """Heat-map PNGs for decoded images with ``predictor``'s torch model (its own preprocessing)."""
+def heatmap_pngs(predictor: object, inputs: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[bytes]:
+    """Heat-map PNGs with ``predictor``'s torch model for images it classified.
+
+    Args:
+        predictor: a loaded predictor with a torch ``model`` (see :func:`explainable`).
+        inputs: each image's model input ``[C, H, W]`` (``predictor.transform`` of its picture):
+            the very numbers the model classified, so no picture has to be kept for this.
+        sizes: each image's (width, height); its heat map has that aspect ratio, at most ``MAX_SIDE``.
+    """
     model: nn.Module = predictor.model  # type: ignore[attr-defined]
+    device = next(model.parameters()).device
     pngs: list[bytes] = []
     # Grad-CAM keeps activations and gradients: small slices bound the memory it needs.
-    for start in range(0, len(pictures), HEATMAP_BATCH):
-        part = list(pictures[start : start + HEATMAP_BATCH])
-        device = next(model.parameters()).device
-        cams = grad_cam(model, predictor.preprocess(part).to(device))  # type: ignore[attr-defined]
-        pngs += [colorize(cam, display_size(*picture.size)) for cam, picture in zip(cams, part)]
+    for start in range(0, len(inputs), HEATMAP_BATCH):
+        cams = grad_cam(model, torch.stack(list(inputs[start : start + HEATMAP_BATCH])).to(device))
+        pngs += [colorize(cam, display_size(*size)) for cam, size in zip(cams, sizes[start : start + HEATMAP_BATCH])]
     return pngs
 
 
@@ -125,9 +131,11 @@ def explainable(predictor: object) -> bool:
 
 def store_heatmaps(
     session: Session, settings: Settings, predictor: object, model_version_id: int,
-    flagged: Sequence[tuple[Image | ClaimedImage, PILImage.Image]],
+    flagged: Sequence[tuple[Image | ClaimedImage, torch.Tensor, tuple[int, int]]],
 ) -> int:
     """Compute, store and record heat maps for flagged images; returns how many were stored.
+
+    ``flagged`` holds (image row, its model input tensor, its (width, height)) per image.
 
     Never raises for a heat-map problem: the predictions are already saved, so a failure here is
     logged and the images simply have no heat map. The caller's session is committed.
@@ -138,9 +146,9 @@ def store_heatmaps(
         log.info("no heat maps for %d flagged images: runtime %s has no torch model", len(flagged), type(predictor).__name__)
         return 0
     try:
-        pngs = heatmap_pngs(predictor, [picture for _, picture in flagged])
+        pngs = heatmap_pngs(predictor, [tensor for _, tensor, _ in flagged], [size for _, _, size in flagged])
         store = heatmap_store(settings)
-        for (row, _), png in zip(flagged, pngs):
+        for (row, _, _), png in zip(flagged, pngs):
             _, key = store.put_bytes(png)
             session.execute(
                 update(Prediction)

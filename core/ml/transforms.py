@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import pil_modes_mapping
+
+from core.imaging import Resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,18 +62,31 @@ class DecodeOptions:
     draft_size: tuple[int, int] | None = None
     #: Decode JPEG luminance only (grey ``L`` picture), repeated into the model's channels.
     grey: bool = False
+    #: Resize while decoding (``None``: the full picture). The transform's own resize of a picture
+    #: already at its size is a copy, so the model input is the same.
+    resize: Resize | None = None
 
 
 def decode_options(preprocessing: dict[str, Any], fast_jpeg_decode: bool) -> DecodeOptions:
     """The worker's decode for a version: full RGB, or (``TRIAGE_FAST_JPEG_DECODE``) draft + grey.
+
+    Either way the picture is resized to the model's input while it is decoded
+    (:func:`input_resize`), so a huge image is never converted at full size; the tensor is bit for
+    bit what the version's transform makes of the full picture.
 
     The fast path decodes JPEGs at no less than :func:`jpeg_draft_size` and as luminance only; for
     a radiograph (grey content) at up to twice the input size that is exactly the full decode, and
     for a large one labels agree with it on >= 99.5 % of xrays/test (bench/README.md).
     """
     if not fast_jpeg_decode:
-        return DecodeOptions()
-    return DecodeOptions(draft_size=jpeg_draft_size(preprocessing), grey=True)
+        return DecodeOptions(resize=input_resize(preprocessing))
+    return DecodeOptions(draft_size=jpeg_draft_size(preprocessing), grey=True, resize=input_resize(preprocessing))
+
+
+def input_resize(preprocessing: dict[str, Any]) -> Resize:
+    """The first step of :func:`build_transform` (resize to the input size) as a decoder's :class:`Resize`."""
+    _, height, width = (int(v) for v in preprocessing["input_size"])
+    return Resize((width, height), pil_modes_mapping[_interpolation(preprocessing["interpolation"])])
 
 
 class RepeatGreyChannel:

@@ -199,3 +199,50 @@ def test_each_prediction_records_its_decode_seconds_and_its_share_of_the_model_t
         # The batch's forward pass is shared out equally among its images, so the shares add up to the model time.
         assert len({p.model_seconds for p in predictions[:2]}) == 1 and len({p.model_seconds for p in predictions[2:]}) == 1
         assert abs(sum(p.model_seconds for p in predictions) - report.seconds["model"]) < 1e-6
+
+
+def test_after_a_crash_each_unfinished_image_is_tried_alone_with_its_attempt_counted_first(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    """Nothing else is in flight while a suspect is tried, so a crash can be charged to it alone."""
+    from sqlalchemy import update
+
+    from core.leases import process_identity
+    from core.ml.pipeline import isolating_suspects
+    from core.studies import claim_images
+
+    files = {path.name: path.read_bytes() for path in xray_sample(xrays_dir, 5)}
+    study_id, ids = _study_with_files(db, settings, files)
+    suspects = ids[2:]
+    with db.transaction() as session:  # in flight when a worker died, then re-queued by the reconciler
+        session.execute(update(Image).where(Image.id.in_(suspects)).values(attempts=1))
+    with db.transaction() as session:
+        chunk = claim_images(session, study_id, ids, settings.max_image_attempts)
+
+    def attempts() -> list[int]:
+        with db.transaction() as session:
+            return list(session.scalars(select(Image.attempts).where(Image.id.in_(ids)).order_by(Image.id)))
+
+    groups = isolating_suspects(db, settings, chunk, process_identity())
+    assert [image.id for image in next(groups)] == ids[:2] and attempts() == [1, 1, 1, 1, 1]
+    assert [image.id for image in next(groups)] == [suspects[0]] and attempts() == [1, 1, 2, 1, 1]
+    assert [image.id for image in next(groups)] == [suspects[1]] and attempts() == [1, 1, 2, 2, 1]
+
+
+def test_a_redelivered_chunk_classifies_its_suspects_one_by_one(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    from sqlalchemy import update
+
+    files = {path.name: path.read_bytes() for path in xray_sample(xrays_dir, 5)}
+    study_id, ids = _study_with_files(db, settings, files)
+    with db.transaction() as session:  # in flight when a worker died, then re-queued by the reconciler
+        session.execute(update(Image).where(Image.id.in_(ids[2:])).values(attempts=1))
+
+    report = classify_chunk(db, settings, PredictorCache(settings), study_id, ids)
+
+    assert report.predicted == 5 and report.isolated == 3 and report.study_done
+    with db.transaction() as session:
+        rows = session.scalars(select(Image).where(Image.id.in_(ids)).order_by(Image.id)).all()
+        assert [row.attempts for row in rows] == [1, 1, 2, 2, 2]
+        assert {row.status for row in rows} == {ImageStatus.DONE}
