@@ -7,6 +7,7 @@ Tests that need PostgreSQL or Redis skip with a reason that says how to enable t
 from __future__ import annotations
 
 import os
+import random
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +83,24 @@ def xray_sample(xrays: Path, count: int, split: str = "test") -> list[Path]:
     return files
 
 
+def real_subset(xrays: Path, out: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    """A balanced subset of the real radiographs (symlinks); val/test images whose original
+    (the file name before Roboflow's ``.rf.`` suffix) is in the train subset are left out."""
+    rng = random.Random(seed)
+    used: set[str] = set()
+    for split in ("train", "val", "test"):
+        for label in sorted(os.listdir(xrays / split)):
+            files = sorted((xrays / split / label).glob("*.jpg"))
+            rng.shuffle(files)
+            chosen = [f for f in files if f.name.split(".rf.")[0] not in used][: counts[split]]
+            if split == "train":
+                used.update(f.name.split(".rf.")[0] for f in chosen)
+            (out / split / label).mkdir(parents=True)
+            for f in chosen:
+                (out / split / label / f.name).symlink_to(f)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A random-init tiny timm model saved as safetensors, with its serving metadata (2 labels)."""
@@ -132,7 +151,8 @@ def postgres_url() -> Iterator[str]:
     """URL of a new, empty PostgreSQL database, dropped afterwards."""
     import sqlalchemy as sa
 
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # pre-ping: a test may restart PostgreSQL, which cuts the pooled connection dropping the database needs
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     try:
         with admin.connect() as connection:
             name = f"triage_test_{uuid.uuid4().hex[:10]}"
@@ -160,3 +180,17 @@ def redis_url() -> Iterator[str]:
     yield REDIS_TEST_URL
     client.flushdb()
     client.close()
+
+
+def saved_image(pil_format: str, *shades: int, size: tuple[int, int] = (96, 80)) -> bytes:
+    """An image file made by Pillow in ``pil_format``: one flat grey frame per shade (several: a multi-frame file)."""
+    import io
+
+    from PIL import Image
+
+    mode = "RGB" if pil_format == "MPO" else "L"  # Pillow writes MPO from RGB frames only
+    frames = [Image.new(mode, size, (shade,) * len(mode)) for shade in shades or (90,)]
+    buffer = io.BytesIO()
+    options = {"save_all": True, "append_images": frames[1:]} if len(frames) > 1 else {}
+    frames[0].save(buffer, pil_format, **options)
+    return buffer.getvalue()
