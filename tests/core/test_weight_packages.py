@@ -99,7 +99,7 @@ def test_training_steps_from_the_package_weights_run_from_a_zero_head() -> None:
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[0] == pytest.approx(np.log(2), abs=1e-5)
     assert all(np.isfinite(losses))
     assert torch.count_nonzero(model.classifier.weight) > 0
