@@ -323,7 +323,6 @@ def run_training(
     run_dir: Path,
     *,
     resume: bool = False,
-    allow_leakage: bool = False,
     check: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_epoch_end: EpochCallback | None = None,
@@ -334,7 +333,7 @@ def run_training(
     ``metrics.json``, ``datacheck.json`` and PNG plots.
 
     Raises:
-        LeakageError: when the check finds cross-split leakage and ``allow_leakage`` is false.
+        LeakageError: when the check finds cross-split leakage and ``config.leakage`` is ``refuse``.
         TrainingError: on NaN loss, empty splits or an incompatible checkpoint.
     """
     data_dir = Path(data_dir).resolve()
@@ -346,7 +345,7 @@ def run_training(
     report: DataCheckReport | None = None
     excluded: set[Path] = set()
     dropped: dict[str, int] = {}
-    leakage = "allow" if allow_leakage else config.leakage
+    leakage = config.leakage
     if check:
         report = check_dataset(data_dir, max_pixels=max_pixels)
         write_json(report.to_dict(), run_dir / "datacheck.json")

@@ -113,6 +113,8 @@ class FakeResult:
     confidence: float
     flagged: bool
     flag_reason: str | None
+    flag_kind: str | None = None
+    fracture_probability: float | None = None
 
 
 def predict(db: Database, image_ids: list[int], confidences: list[float]) -> None:

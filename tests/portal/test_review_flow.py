@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,20 +20,7 @@ from core.models import AuditEvent, Image, ModelVersion, Review, utcnow
 from core.studies import REVIEW_UNDO_SECONDS, finish_study_if_complete, save_predictions
 from portal import presenters
 from tests.conftest import xray_sample
-from tests.portal.conftest import PASSWORD, csrf_token, session_client
-
-
-@dataclass
-class Result:
-    """A prediction as the worker writes it (the fields save_predictions reads)."""
-
-    probabilities: dict[str, float]
-    label: str
-    confidence: float
-    flagged: bool
-    flag_reason: str | None
-    flag_kind: str | None
-    fracture_probability: float
+from tests.portal.conftest import FakeResult, PASSWORD, csrf_token, session_client
 
 
 def predict(db: Database, p_fracture: dict[int, float], unfamiliar: tuple[int, ...] = (), audit: tuple[int, ...] = ()) -> None:
@@ -47,7 +33,7 @@ def predict(db: Database, p_fracture: dict[int, float], unfamiliar: tuple[int, .
             kind = "unfamiliar" if image_id in unfamiliar else "unsure" if confidence < 0.9 else None
             reason = {"unfamiliar": "Unfamiliar image: unlike the radiographs the model was trained on (score 80 > 40)",
                       "unsure": "confidence 0.512 below threshold 0.900"}.get(kind or "")  # an old-style text
-            pairs.append((image, Result({"fracture": p, "no_fracture": 1 - p}, label, confidence, kind is not None, reason, kind, p)))
+            pairs.append((image, FakeResult({"fracture": p, "no_fracture": 1 - p}, label, confidence, kind is not None, reason, kind, p)))
         save_predictions(session, pairs[0][0].study.model_version_id, pairs, audit_ids=set(audit))
 
 

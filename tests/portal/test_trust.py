@@ -4,7 +4,6 @@ models page promises (held-out results, the validation guarantee, the audit on t
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import pytest
 from flask.testing import FlaskClient
@@ -16,22 +15,9 @@ from core.db import Database
 from core.models import Image, ModelVersion
 from core.studies import finish_study_if_complete, review_queue, save_predictions
 from tests.conftest import register_tiny_model
-from tests.portal.conftest import csrf_token
+from tests.portal.conftest import FakeResult, csrf_token
 
 AUDIT_WORDS = "Audit sample: random check of an unflagged image"
-
-
-@dataclass
-class Outcome:
-    """A prediction as the worker's predictor returns it, with flag kind and fracture probability."""
-
-    probabilities: dict[str, float]
-    label: str
-    confidence: float
-    flagged: bool
-    flag_reason: str | None
-    flag_kind: str | None
-    fracture_probability: float | None
 
 
 def _png(shade: int) -> bytes:
@@ -56,7 +42,7 @@ def _write(db: Database, study_id: int, rows: list[tuple[int, str, str | None, f
             other = next(name for name in session.get(ModelVersion, version_id).labels if name != label)
             reason = {"unsure": "Model unsure: 60 % < 90 % needed", "unfamiliar": "Unfamiliar image: unlike the radiographs"}.get(kind or "")
             pairs.append((session.get(Image, image_id),
-                          Outcome({label: confidence, other: 1 - confidence}, label, confidence, kind is not None, reason, kind, fracture)))
+                          FakeResult({label: confidence, other: 1 - confidence}, label, confidence, kind is not None, reason, kind, fracture)))
             if audit:
                 audited.add(image_id)
         save_predictions(session, version_id, pairs, audit_ids=audited)
