@@ -22,7 +22,7 @@ class BoundedInt(IntegerConverter):
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build a portal app for ``settings`` (default: read from the ``TRIAGE_*`` environment)."""
-    from portal import account, admin, api, auth, errors, extensions, health, http, models, presenters, review, studies
+    from portal import account, admin, api, auth, errors, extensions, health, http, model_pages, presenters, review, study_pages
 
     settings = settings or get_settings()
     app = Flask(__name__)
@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(http.refuse_nul_characters)  # after the login guard: anonymous requests get 401 first
     errors.init_app(app)
     presenters.register_filters(app)  # one way of writing percentages and labels
-    for blueprint in (studies.bp, review.bp, models.bp, api.bp, health.bp, admin.bp, account.bp):
+    for blueprint in (study_pages.bp, review.bp, model_pages.bp, api.bp, health.bp, admin.bp, account.bp):
         app.register_blueprint(blueprint)
     # CSRF is checked by portal.auth's guard for every cookie-authenticated write; tokens need none.
     return app

@@ -17,7 +17,7 @@ from core.studies import record_review, suspected_fracture_counts
 from portal import extensions, openapi, presenters
 from portal.auth import may_see, record, require, visible_studies
 from portal.http import int_param
-from portal.studies import export_response, report_response
+from portal.study_pages import export_response, report_response
 from portal.uploads import SubmittedStudy, UploadError, collect_files, require_production_model, submit_studies
 
 bp = Blueprint("api", __name__, url_prefix="/api")
