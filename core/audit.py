@@ -13,7 +13,7 @@ from core.models import AuditEvent, User
 ACTIONS = (
     "login", "login_failed", "logout", "upload", "view", "review", "review_undo", "export", "promote", "rerun", "token",
     "token_revoke", "user_create", "user_disable", "user_enable", "password_reset", "password_change",
-    "group_create", "user_group",
+    "group_create", "user_group", "heatmap_request",
 )
 
 

@@ -257,6 +257,8 @@ class Prediction(Base):
     decode_seconds: Mapped[float | None] = mapped_column(Float)
     model_seconds: Mapped[float | None] = mapped_column(Float)
     heatmap_key: Mapped[str | None] = mapped_column(String(200))
+    #: Why a requested heat map could not be made (None: made, pending or never asked for).
+    heatmap_error: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="predictions")

@@ -15,6 +15,7 @@ from core.config import Settings
 
 CLASSIFY_CHUNK_TASK = "triage.classify_chunk"
 RECONCILE_TASK = "triage.reconcile"
+HEATMAP_TASK = "triage.heatmap"
 QUEUE_NAME = "triage"
 
 
@@ -82,3 +83,8 @@ def enqueue_images(app: Celery, study_id: int, image_ids: Sequence[int], chunk_s
     for chunk in chunks:
         app.send_task(CLASSIFY_CHUNK_TASK, args=[study_id, chunk], queue=QUEUE_NAME)
     return len(chunks)
+
+
+def enqueue_heatmap(app: Celery, prediction_id: int) -> None:
+    """Ask a worker for the heat map of one prediction (computed once; a repeated request changes nothing)."""
+    app.send_task(HEATMAP_TASK, args=[prediction_id], queue=QUEUE_NAME)

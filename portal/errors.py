@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 
 
 def wants_json() -> bool:
-    """True for API clients (everything under /api and the health check)."""
-    return request.path.startswith("/api/") or request.path == "/api" or request.path == "/healthz"
+    """True for API clients (everything under /api and the health check) and pages' scripts that ask for JSON."""
+    return (request.path.startswith("/api/") or request.path == "/api" or request.path == "/healthz"
+            or request.accept_mimetypes.best == "application/json")
 
 
 def error_response(status: int, message: str) -> Response:

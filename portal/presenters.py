@@ -9,8 +9,11 @@ from flask import url_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from core.config import Settings
 from core.models import Image, ModelVersion, Prediction, Study
+from core.pixels import view_attributes
 from core.reviewing import AuditEstimate, case_reason
+from core.storage import image_store
 from core.studies import study_counts, study_prediction, suspected_fracture_counts
 
 
@@ -94,13 +97,58 @@ def study_images(session: Session, study: Study) -> list[Image]:
     )
 
 
+def heatmap_state(prediction: Prediction, requested: bool = False) -> dict[str, Any]:
+    """A prediction's heat map for the viewer: ``ready`` (with its url), ``failed`` (why), else ``absent``
+    (``pending`` right after a request), and the class it explains in words."""
+    state: dict[str, Any] = {"prediction_id": prediction.id, "explains": label_name(prediction.label)}
+    if prediction.heatmap_key:
+        return state | {"status": "ready", "url": url_for("studies.heatmap", prediction_id=prediction.id)}
+    if prediction.heatmap_error and not requested:
+        return state | {"status": "failed", "error": prediction.heatmap_error}
+    return state | {"status": "pending" if requested else "absent"}
+
+
+#: Most thumbnails in the viewer's strip of a study's images (the ones nearest the open image).
+MAX_STRIP = 60
+
+
+def study_strip(session: Session, image: Image) -> list[dict[str, Any]]:
+    """The images of ``image``'s study for the viewer's thumbnail strip: thumbnail, name, whether it
+    can be opened (classified) and which one is open; at most :data:`MAX_STRIP`, centred on ``image``."""
+    rows = list(session.execute(
+        select(Image.id, Image.filename, Image.status, Image.storage_key, Image.sop_class_uid, Image.photometric,
+               Image.body_part).where(Image.study_id == image.study_id).order_by(Image.id)
+    ))
+    position = next((index for index, row in enumerate(rows) if row.id == image.id), 0)
+    start = max(0, min(position - MAX_STRIP // 2, len(rows) - MAX_STRIP))
+    strip = []
+    for row in rows[start : start + MAX_STRIP]:
+        strip.append({
+            "image_id": row.id, "filename": row.filename, "current": row.id == image.id,
+            "thumb_url": _shown_url(row.id, row.storage_key, bool(row.sop_class_uid or row.photometric)),
+            "body_part": row.body_part, "status": row.status.value,
+            "case_url": url_for("review.case", image_id=row.id) if row.status.value == "done" else None,
+        })
+    return strip
+
+
+def dicom_attributes(settings: Settings, image: Image) -> dict[str, str]:
+    """Body part, laterality, view and modality from a stored DICOM image's header (empty for other images)."""
+    if not (image.storage_key and (image.sop_class_uid or image.photometric)):
+        return {}
+    return view_attributes(image_store(settings).path_for_key(image.storage_key))
+
+
 def preview_url(image: Image) -> str | None:
     """Where a browser can show the image: the stored file, or a PNG rendering for DICOM."""
-    if not image.storage_key:
+    return _shown_url(image.id, image.storage_key, bool(image.sop_class_uid or image.photometric))
+
+
+def _shown_url(image_id: int, storage_key: str | None, dicom: bool) -> str | None:
+    """The stored file itself, or a PNG rendering for DICOM (browsers cannot show it); None without a stored file."""
+    if not storage_key:
         return None
-    if image.sop_class_uid or image.photometric:
-        return url_for("studies.image_preview", image_id=image.id)
-    return url_for("studies.image_file", image_id=image.id)
+    return url_for("studies.image_preview" if dicom else "studies.image_file", image_id=image_id)
 
 
 def image_result(image: Image, model_version_id: int) -> dict[str, Any]:

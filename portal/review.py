@@ -146,7 +146,12 @@ def _case_context(session: Session, image: Image) -> dict[str, Any]:
     case = _display(presenters.review_case(image, prediction), prediction, image.study.model_version.threshold)
     case["spot_check"] = case_reason(prediction) is None
     case["waiting"] = humanize_seconds(waiting_seconds(prediction.created_at))
-    case["heatmap_url"] = url_for("studies.heatmap", prediction_id=prediction.id) if prediction.heatmap_key else None
+    case["heatmap"] = presenters.heatmap_state(prediction)
+    case["heatmap_status_url"] = url_for("studies.heatmap_status", prediction_id=prediction.id)
+    case["heatmap_request_url"] = url_for("studies.request_heatmap", prediction_id=prediction.id)
+    case["pixels_url"] = url_for("studies.image_pixels", image_id=image.id)
+    case["attributes"] = presenters.dicom_attributes(extensions.settings(), image)
+    case["strip"] = presenters.study_strip(session, image)
     case["width"], case["height"] = image.width, image.height
     # The labels in the order their probabilities are shown (highest first): key 1 is the top one.
     case["choices"] = [

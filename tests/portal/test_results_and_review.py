@@ -98,8 +98,8 @@ def test_viewer_records_a_label_with_csrf_and_opens_the_next_case(app, db: Datab
     page = client.get(f"/review/{first}").get_data(as_text=True)
     assert "55 %" in page and "45 %" in page  # probability of every class is shown
     assert 'data-label="no_fracture" data-key="2"' in page and 'data-model-label="fracture"' in page
-    assert 'id="brightness"' in page and 'id="contrast"' in page and "viewer.js" in page
-    assert "No heat map stored" in page  # predictions written here carry none
+    assert 'id="ww"' in page and 'id="wl"' in page and 'id="preset"' in page and "viewer.js" in page
+    assert 'data-status="absent"' in page and 'id="request-heatmap"' in page  # none stored: one can be asked for
 
     without_token = client.post(f"/review/{first}", data={"label": "fracture"})
     assert without_token.status_code == 400 and b"CSRF" in without_token.data
