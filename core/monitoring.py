@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 # Upper bounds of the /metrics histogram buckets (Prometheus ``le``; +Inf is added).
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 FRACTURE_PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-#: Unfamiliar scores are distances with no fixed scale: 1-2-5 log steps from 1 to 10,000.
-UNFAMILIAR_SCORE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0)
+#: Unfamiliar scores are layer distances in units of their validation quantile (the cut is near 1;
+#: first-format references give unscaled distances): 1-2-5 log steps from 0.25 to 10,000.
+UNFAMILIAR_SCORE_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0)
 #: Per-image seconds of one stage (decode, model), from half a millisecond to ten seconds.
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

@@ -31,14 +31,45 @@ def create_model(architecture: str, num_classes: int, pretrained: bool = False, 
         raise
 
 
-def logits_and_features(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass of a timm model: ``(logits, penultimate features)``.
+def logits_and_feature_layers(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass of a timm model: ``(logits, [pooled stage outputs..., penultimate features])``.
 
-    The features are what timm's head gives before the classifier (``pre_logits=True``: pooled,
-    and normalised where the architecture's head does so); the unfamiliar-image score uses them.
+    The unfamiliar-image score reads features from several depths (Lee et al. 2018's feature
+    ensemble): the penultimate features (timm's head before the classifier, ``pre_logits=True``)
+    see what the image shows, the channel means of each earlier stage (timm's
+    ``forward_intermediates``) see its textures and grey-level structure, which a photograph or a
+    synthetic gradient can share with radiographs at the top of the network but not below it.
+    Architectures without ``forward_intermediates`` give the penultimate features alone.
     """
-    trunk = model.forward_features(batch)  # type: ignore[operator]
-    return model.forward_head(trunk), model.forward_head(trunk, pre_logits=True)  # type: ignore[operator]
+    intermediates: list[torch.Tensor] = []
+    if hasattr(model, "forward_intermediates"):
+        trunk, stages = model.forward_intermediates(batch)  # type: ignore[operator]
+        intermediates = [stage.mean(dim=tuple(range(2, stage.ndim))) if stage.ndim > 2 else stage for stage in stages]
+    else:
+        trunk = model.forward_features(batch)  # type: ignore[operator]
+    logits = model.forward_head(trunk)  # type: ignore[operator]
+    return logits, [*intermediates, model.forward_head(trunk, pre_logits=True)]  # type: ignore[operator]
+
+
+def logits_and_features(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: ``(logits, features)``, the layers of :func:`logits_and_feature_layers` side by side.
+
+    Every runtime (PyTorch, ONNX fp32 and int8) returns this one feature vector; the penultimate
+    features are its last columns.
+    """
+    logits, layers = logits_and_feature_layers(model, batch)
+    return logits, torch.cat([layer.flatten(1) for layer in layers], dim=1)
+
+
+def feature_layer_sizes(model: nn.Module, input_size: tuple[int, int, int]) -> list[int]:
+    """Widths of the feature layers :func:`logits_and_features` concatenates, from one blank image."""
+    parameter = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        _, layers = logits_and_feature_layers(model, torch.zeros((1, *input_size), device=parameter.device, dtype=parameter.dtype))
+    model.train(was_training)
+    return [int(layer.flatten(1).shape[1]) for layer in layers]
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:

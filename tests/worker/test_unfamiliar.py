@@ -17,8 +17,10 @@ from core import registry
 from core.config import Settings
 from core.db import Database
 from core.imaging import decode_image
-from core.ml.onnx_runtime import OnnxPredictor, quantize_int8
-from core.ml.predict import FLAG_UNFAMILIAR, load_predictor
+from core.ml.onnx_runtime import OnnxPredictor
+from core.ml.predict import FLAG_UNFAMILIAR
+from core.ml.quantize import quantize_int8
+from core.ml.runtimes import load_predictor
 from core.ml.unfamiliar import ReferenceError, UnfamiliarReference
 from core.storage import sha256_file
 from tests.conftest import xray_sample
@@ -89,7 +91,10 @@ def test_reference_round_trips_through_the_registry_and_is_checked(
     fitted = UnfamiliarReference.load(demo_run.reference_file)
     served = load_predictor(spec, settings.model_copy(update={"runtime": "torch"})).reference
     assert served is not None
-    assert np.array_equal(served.means, fitted.means) and np.array_equal(served.precision, fitted.precision)
+    assert len(served.layers) == len(fitted.layers) > 1  # the stages' channel means and the penultimate features
+    for served_layer, fitted_layer in zip(served.layers, fitted.layers):
+        assert np.array_equal(served_layer.means, fitted_layer.means) and np.array_equal(served_layer.precision, fitted_layer.precision)
+        assert served_layer.scale == fitted_layer.scale
     assert served.cut == fitted.cut == pytest.approx(demo_run.metrics["unfamiliar"]["cut"])
     with db.transaction() as session:
         stored = registry.get_version(session, spec.version_id)
@@ -153,3 +158,35 @@ def test_colour_pictures_and_blank_frames_are_unfamiliar_from_their_pixels(
     # the checks travel with the reference file
     loaded = UnfamiliarReference.load(demo_run.reference_file)
     assert (loaded.colour_max, loaded.detail_min) == (reference.colour_max, reference.detail_min)
+
+
+def test_references_of_the_first_format_still_score_as_before(tmp_path: Path) -> None:
+    """Versions registered before the layered reference keep their flags: penultimate columns, unscaled."""
+    from safetensors.numpy import save_file
+
+    from core.ml.unfamiliar import PENULTIMATE_FORMAT, fit_reference
+
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(2, 4))
+    precision = np.diag([1.0, 2.0, 3.0, 4.0])
+    path = tmp_path / "v1.safetensors"
+    save_file({"means": means, "precision": precision, "cut": np.array([7.0]), "quantile": np.array([0.975])},
+              str(path), metadata={"format": PENULTIMATE_FORMAT})
+    reference = UnfamiliarReference.load(path)
+    penultimate = rng.normal(size=(5, 4))
+    expected = np.min([np.einsum("nd,de,ne->n", penultimate - m, precision, penultimate - m) for m in means], axis=0)
+    # today's features put the stages' channel means in front of the penultimate features
+    features = np.concatenate([rng.normal(size=(5, 3)), penultimate], axis=1)
+    assert np.allclose(reference.scores(features), expected)
+    assert reference.cut == 7.0
+    with pytest.raises(ReferenceError, match="expects 4"):
+        reference.scores(penultimate[:, :3])
+
+    # a layered reference reads exactly its width, and its layers must add up to the features
+    layered = fit_reference(features, np.array([0, 1, 0, 1, 0]), features, layer_sizes=[3, 4])
+    with pytest.raises(ReferenceError, match="expects 7"):
+        layered.scores(np.concatenate([features, features[:, :1]], axis=1))
+    with pytest.raises(ReferenceError, match="do not add up"):
+        fit_reference(features, np.array([0, 1, 0, 1, 0]), features, layer_sizes=[3, 3])
+    layered.save(tmp_path / "v2.safetensors")
+    assert np.allclose(UnfamiliarReference.load(tmp_path / "v2.safetensors").scores(features), layered.scores(features))
