@@ -10,6 +10,7 @@ COPY core core
 COPY portal portal
 COPY worker worker
 COPY trainer trainer
+COPY admin admin
 COPY migrations migrations
 RUN pip install . && useradd --create-home --uid 1000 triage && mkdir -p /data && chown triage /data
 USER triage

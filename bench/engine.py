@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.engine [--arch tf_efficientnetv2_s] [--images 512] [--runtimes torch,onnx,onnx-int8]
 
 Random weights (timing only). The engine is the worker's own code: the content store, decode
-threads one batch ahead (`core.ml.pipeline.decoded_batches`), the version's preprocessing and a
+threads one batch ahead (`core.ml.decoding.decoded_batches`), the version's preprocessing and a
 batched forward pass (`core.ml.predict`). The fp32 engine must agree with the loop to 1e-4.
 """
 
@@ -22,9 +22,10 @@ import torch
 from bench.common import git_revision, machine_line, make_jpegs, original_loop
 from core.config import load_settings
 from core.ml.modelio import create_model, save_weights
-from core.ml.pipeline import decoded_batches
-from core.ml.predict import load_predictor
-from core.ml.transforms import DecodeOptions, default_preprocessing
+from core.ml.decoding import decoded_batches
+from core.ml.runtimes import load_predictor
+from core.ml.transforms import DecodeOptions
+from core.preprocessing import default_preprocessing
 from core.registry import ModelSpec, weights_path
 from core.storage import ContentStore
 from core.studies import ClaimedImage
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         for runtime in [r for r in args.runtimes.split(",") if r]:
             runtime_settings = settings.model_copy(update={"runtime": runtime})
             if runtime == "onnx-int8":
-                from core.ml.onnx_runtime import calibration_images, quantize_int8
+                from core.ml.quantize import calibration_images, quantize_int8
                 from bench.common import SHARED_XRAYS
 
                 quantize_int8(runtime_settings, spec, calibration_images(SHARED_XRAYS / "val", 64))

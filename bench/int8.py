@@ -20,8 +20,8 @@ from core import registry
 from core.config import get_settings
 from core.db import Database
 from core.imaging import decode_image
-from core.ml.onnx_runtime import calibration_images, quantize_int8
-from core.ml.predict import load_predictor
+from core.ml.quantize import calibration_images, quantize_int8
+from core.ml.runtimes import load_predictor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     with Database(settings).transaction() as session:
         spec = registry.ModelSpec.from_version(registry.get_version(session, args.version))
     build = quantize_int8(settings, spec, calibration_images(SHARED_XRAYS / "val", args.calibration_count))
-    print(f"quantized: activation percentile {build.percentile} chosen on {build.held_out} held-out val images "
-          f"(label agreement there: {', '.join(f'{p}: {a:.1%}' for p, a in build.tried.items())}); of the {build.unflagged} "
+    print(f"quantized: activation percentile {build.percentile}, {build.weights} weights chosen on {build.held_out} held-out val images "
+          f"(label agreement there: {', '.join(f'{p}/{w}: {a:.1%}' for (p, w), a in build.tried.items())}); of the {build.unflagged} "
           f"held-out images fp32 leaves unflagged (threshold {spec.threshold:.3f}), int8 keeps {build.unflagged_kept} with the same label and no flag")
     fp32 = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
     int8 = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))

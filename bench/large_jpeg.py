@@ -21,7 +21,8 @@ from PIL import Image
 from bench.common import SHARED_XRAYS, git_revision, jpeg_bytes, machine_line, source_images
 from core.config import get_settings
 from core.imaging import decode_image
-from core.ml.transforms import DecodeOptions, build_transform, decode_options, default_preprocessing
+from core.ml.transforms import DecodeOptions, build_transform, decode_options
+from core.preprocessing import default_preprocessing
 
 
 def _time(paths_bytes: list[bytes], transform, options: DecodeOptions) -> float:  # type: ignore[no-untyped-def]
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_line()}; commit {git_revision()}")
 
     predictor = _predictor(args.version)
-    _, height, width = predictor.spec.preprocessing["input_size"]
+    _, height, width = predictor.spec.preprocessing.input_size
     full, fast = DecodeOptions(), decode_options(predictor.spec.preprocessing, fast_jpeg_decode=True)
     transform = build_transform(predictor.spec.preprocessing, training=False)
     large = [jpeg_bytes(path, (2000, 2500), salt=i + 1) for i, path in enumerate(source_images(args.images))]

@@ -36,8 +36,8 @@ from core.db import Database
 from core.imaging import decode_image
 from core.migrate import upgrade
 from core.ml.modelio import create_model, save_weights
-from core.ml.predict import load_predictor
-from core.ml.transforms import default_preprocessing
+from core.ml.runtimes import load_predictor
+from core.preprocessing import default_preprocessing
 from core.models import Image, ImageStatus, ModelVersion, Study
 from core.queue import enqueue_images, make_celery
 from core.studies import add_upload, create_study

@@ -24,7 +24,8 @@ from core import registry
 from core.config import get_settings
 from core.db import Database
 from core.imaging import decode_image
-from core.ml.predict import FLAG_UNFAMILIAR, Predictor, load_predictor
+from core.ml.predict import FLAG_UNFAMILIAR, Predictor
+from core.ml.runtimes import load_predictor
 from trainer.calibrate import choose_threshold, softmax
 from trainer.data import eval_tensors, list_samples
 from trainer.evaluate import classification_report

@@ -4,4 +4,5 @@ Imported by the portal, the worker and the trainer; imports none of them. Everyt
 torch lives in :mod:`core.ml`, which the portal never imports.
 """
 
+#: The product's version: written here only (pyproject.toml reads it; the DICOM report states it).
 __version__ = "0.1.0"

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "TRIAGE_"
+#: The secret key of the embedded default: public (it is in this file), so refused anywhere else.
+DEFAULT_SECRET_KEY = "dev-only-change-me"
 
 
 class ConfigError(RuntimeError):
@@ -45,9 +47,10 @@ class Settings(BaseModel):
         default=None, description="Model artifacts by sha256. Empty: DATA_DIR/models."
     )
     secret_key: str = Field(
-        default="dev-only-change-me",
+        default=DEFAULT_SECRET_KEY,
         min_length=8,
-        description="Flask secret key (sessions, CSRF). Set a long random value in production.",
+        description="Flask secret key (sessions, CSRF); also keys the patient-ID hash and the audit draw. "
+        "Set a long random value in production: the default is refused outside the embedded deployment.",
     )
     max_upload_mb: int = Field(default=512, ge=1, le=65536, description="Largest request accepted.")
     max_file_mb: int = Field(default=64, ge=1, le=4096, description="Largest single image accepted.")
@@ -71,6 +74,23 @@ class Settings(BaseModel):
     )
     worker_concurrency: int = Field(
         default=1, ge=1, le=64, description="Worker processes per `celery worker` (one per GPU)."
+    )
+    cuda_devices: str = Field(
+        default="",
+        pattern=r"^([A-Za-z0-9_-]+(,[A-Za-z0-9_-]+)*)?$",
+        description="Worker: the GPUs its pool children take in turn (child i gets entry i mod n), named as "
+        "CUDA_VISIBLE_DEVICES names them (indices or UUIDs), e.g. 0,1,2,3. Empty: the GPUs the worker sees "
+        "(its own CUDA_VISIBLE_DEVICES, else every GPU), one per child.",
+    )
+    decode_threads: int = Field(
+        default=0, ge=0, le=256,
+        description="Worker: CPU decode threads per worker process. 0: the node's cores (those this process may "
+        "run on) shared among the TRIAGE_WORKER_CONCURRENCY processes.",
+    )
+    gpu_decode: bool = Field(
+        default=True,
+        description="Worker on CUDA: decode baseline JPEGs in batches on the GPU (nvJPEG) and resize them there; "
+        "other files (progressive or CMYK JPEG, PNG, DICOM, corrupt) go to the CPU decoder, one by one.",
     )
     torch_threads: int = Field(
         default=0, ge=0, le=256, description="CPU threads for torch in a worker process (0: auto)."
@@ -160,7 +180,11 @@ class Settings(BaseModel):
         "headers are trusted (Werkzeug's ProxyFix hops). The client address they give is used by the login "
         "rate limit and the audit log. 0: use the connection's address and ignore those headers.",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO",
+        description="Log level of every process: portal, worker, trainer and the `triage` CLI (which logs "
+        "WARNING and above when this is not set, so its printed output stays readable).",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -188,6 +212,17 @@ class Settings(BaseModel):
             self.storage_dir = data_dir / "images"
         if self.models_dir is None:
             self.models_dir = data_dir / "models"
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_the_public_secret_key_outside_the_embedded_default(self) -> "Settings":
+        """The default key is public: with PostgreSQL or a broker server it would key real patient hashes and sessions."""
+        if self.secret_key == DEFAULT_SECRET_KEY and not self.is_embedded:
+            raise ValueError(
+                f"{ENV_PREFIX}SECRET_KEY is the public default {DEFAULT_SECRET_KEY!r}, accepted only on the embedded "
+                "default (SQLite and the filesystem broker); with this database or broker set "
+                f"{ENV_PREFIX}SECRET_KEY to a long random value, e.g. `openssl rand -hex 32`"
+            )
         return self
 
     @property
@@ -219,7 +254,10 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: object) ->
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:  # a rule across settings: its message names the variables (and never echoes values)
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']} (got {error.get('input')!r})")
         raise ConfigError("Invalid setting(s): " + "; ".join(problems)) from None
 

@@ -16,6 +16,13 @@ from sqlalchemy.pool import NullPool
 from core.config import Settings
 
 
+def printable_url(url: str) -> str:
+    """``url`` with its password hidden, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _enable_sqlite_concurrency(engine: Engine) -> None:
     """Portal and worker share one SQLite file: WAL, a busy timeout and foreign keys."""
 

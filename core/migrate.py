@@ -36,9 +36,8 @@ def check_schema(database_url: str) -> None:
     """
     from alembic.migration import MigrationContext
     from alembic.script import ScriptDirectory
-    from sqlalchemy.engine import make_url
 
-    from core.db import make_engine
+    from core.db import make_engine, printable_url
 
     head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
     engine = make_engine(database_url)
@@ -48,6 +47,6 @@ def check_schema(database_url: str) -> None:
     finally:
         engine.dispose()
     if current != head:
-        where = make_url(database_url).render_as_string(hide_password=True)
+        where = printable_url(database_url)
         state = "has no schema yet" if current is None else f"is at revision {current}"
         raise SchemaNotCurrent(f"the database at {where} {state}, the code needs {head}: run `triage db upgrade`")

@@ -18,10 +18,9 @@ from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.models import ModelVersion, utcnow
-from core.storage import ContentStore, sha256_file
-
-REQUIRED_PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation")
-
+from core.preprocessing import Preprocessing
+from core.files import atomic_target
+from core.storage import model_store, sha256_file
 
 class RegistryError(ValueError):
     """Invalid model metadata or an unknown version; the message says which."""
@@ -34,7 +33,7 @@ class ModelSpec:
     version_id: int
     architecture: str
     labels: list[str]
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     threshold: float
     temperature: float
     weights_sha256: str
@@ -44,12 +43,16 @@ class ModelSpec:
 
     @classmethod
     def from_version(cls, version: ModelVersion) -> "ModelSpec":
-        """Detach the serving metadata from a database row."""
+        """Detach the serving metadata from a database row (its stored preprocessing JSON read back).
+
+        Raises:
+            core.preprocessing.PreprocessingError: the row's preprocessing cannot serve.
+        """
         return cls(
             version_id=version.id,
             architecture=version.architecture,
             labels=list(version.labels),
-            preprocessing=dict(version.preprocessing),
+            preprocessing=Preprocessing.from_dict(version.preprocessing),
             threshold=float(version.threshold),
             temperature=float(version.temperature),
             weights_sha256=version.weights_sha256,
@@ -61,12 +64,6 @@ class ModelSpec:
     def cache_key(self) -> tuple[int, str]:
         """Key for per-process caches: a version id never reuses another's weights or reference."""
         return (self.version_id, f"{self.weights_sha256}:{self.reference_sha256 or ''}")
-
-
-def model_store(settings: Settings) -> ContentStore:
-    """The content-addressed store of model weights."""
-    assert settings.models_dir is not None
-    return ContentStore(settings.models_dir, suffix=".safetensors")
 
 
 def weights_path(settings: Settings, sha256: str) -> Path:
@@ -85,31 +82,25 @@ def _store_file(settings: Settings, source: Path) -> str:
     digest = sha256_file(source)
     target = weights_path(settings, digest)
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".incoming")
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        with atomic_target(target) as tmp:
+            shutil.copyfile(source, tmp)
     return digest
 
 
-def validate_metadata(labels: list[str], preprocessing: dict[str, Any], threshold: float, temperature: float) -> None:
+def validate_metadata(labels: list[str], preprocessing: Preprocessing, threshold: float, temperature: float) -> None:
     """Refuse metadata that cannot serve: the message names the bad field.
 
+    The preprocessing checked its own fields when it was made (:class:`core.preprocessing.Preprocessing`).
+
     Raises:
-        RegistryError: on empty or duplicate labels, missing preprocessing keys, or a threshold
-            outside [0, 1], or a non-positive temperature.
+        RegistryError: on empty or duplicate labels, a preprocessing that is not a
+            :class:`~core.preprocessing.Preprocessing`, a threshold outside [0, 1], or a
+            non-positive temperature.
     """
     if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
         raise RegistryError(f"labels must be two or more distinct non-empty names, got {labels!r}")
-    missing = [key for key in REQUIRED_PREPROCESSING_KEYS if key not in preprocessing]
-    if missing:
-        raise RegistryError(f"preprocessing config lacks {', '.join(missing)}")
-    size = preprocessing["input_size"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(int(v) > 0 for v in size)):
-        raise RegistryError(f"preprocessing input_size must be [channels, height, width], got {size!r}")
-    for key in ("mean", "std"):
-        if len(preprocessing[key]) != int(size[0]):
-            raise RegistryError(f"preprocessing {key} must have one value per channel")
+    if not isinstance(preprocessing, Preprocessing):
+        raise RegistryError(f"preprocessing must be a core.preprocessing.Preprocessing, got {type(preprocessing).__name__}")
     if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
         raise RegistryError(f"threshold must be between 0 and 1, got {threshold}")
     if not (temperature > 0) or math.isinf(temperature):
@@ -124,7 +115,7 @@ def register_version(
     name: str,
     architecture: str,
     labels: list[str],
-    preprocessing: dict[str, Any],
+    preprocessing: Preprocessing,
     threshold: float,
     temperature: float = 1.0,
     metrics: dict[str, Any] | None = None,
@@ -145,7 +136,7 @@ def register_version(
         name=name,
         architecture=architecture,
         labels=list(labels),
-        preprocessing=dict(preprocessing),
+        preprocessing=preprocessing.to_dict(),
         threshold=float(threshold),
         temperature=float(temperature),
         weights_sha256=digest,

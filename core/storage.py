@@ -1,11 +1,16 @@
-"""Content-addressed file store: bytes are kept under their sha256, never under a user's file name."""
+"""Content-addressed file stores: bytes are kept under their sha256, never under a user's file name.
+
+The factories at the end are the one place that says where each store lives (uploaded images,
+model weights, heat maps, derived PNGs).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
+
+from core.config import Settings
+from core.files import atomic_write_bytes
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -52,20 +57,8 @@ class ContentStore:
         key = self.key_for(digest)
         target = self.path_for_key(key)
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(target, data)
         return digest, key
-
-    def put_file(self, source: Path) -> tuple[str, str]:
-        """Store a copy of the file at ``source``; return ``(sha256, key)``."""
-        return self.put_bytes(Path(source).read_bytes())
 
     def read(self, key: str) -> bytes:
         """The bytes stored under ``key``."""
@@ -74,3 +67,25 @@ class ContentStore:
     def exists(self, key: str) -> bool:
         """Whether something is stored under ``key``."""
         return self.path_for_key(key).exists()
+
+
+def image_store(settings: Settings) -> ContentStore:
+    """The content-addressed store of uploaded images."""
+    assert settings.storage_dir is not None
+    return ContentStore(settings.storage_dir)
+
+
+def model_store(settings: Settings) -> ContentStore:
+    """The content-addressed store of model weights and unfamiliar-image references."""
+    assert settings.models_dir is not None
+    return ContentStore(settings.models_dir, suffix=".safetensors")
+
+
+def heatmap_store(settings: Settings) -> ContentStore:
+    """Where Grad-CAM heat-map PNGs are kept (content-addressed, under the data folder)."""
+    return ContentStore(Path(settings.data_dir) / "heatmaps", suffix=".png")
+
+
+def derived_png_store(settings: Settings, folder: str) -> ContentStore:
+    """PNGs derived from stored images (``previews``, ``pixels``), keyed by their source's sha256."""
+    return ContentStore(Path(settings.data_dir) / folder, suffix=".png")

@@ -17,19 +17,13 @@ from core.dicom import DicomMetadata, UploadGroup, read_metadata
 from core.imaging import ImageDecodeError, inspect_image, is_dicom
 from core.leases import owner_is_gone, process_identity
 from core.models import Image, ImageStatus, ModelVersion, Prediction, Review, Study, StudyStatus, utcnow
-from core.storage import ContentStore
+from core.storage import image_store
 
 log = logging.getLogger(__name__)
 
 TERMINAL = (ImageStatus.DONE, ImageStatus.FAILED)
 #: The label whose absence is a suspected fracture (as ``core.ml.predict.NO_FRACTURE_LABEL``; no torch here).
 NO_FRACTURE_LABEL = "no_fracture"
-
-
-def image_store(settings: Settings) -> ContentStore:
-    """The content-addressed store of uploaded images."""
-    assert settings.storage_dir is not None
-    return ContentStore(settings.storage_dir)
 
 
 def create_study(session: Session, name: str, model_version: ModelVersion, created_by_id: int | None = None) -> Study:
@@ -133,15 +127,6 @@ def add_upload(
     if flush:
         session.flush()
     return image
-
-
-def queued_image_ids(session: Session, study_id: int) -> list[int]:
-    """Ids of a study's images still waiting for the worker."""
-    return list(
-        session.scalars(
-            select(Image.id).where(Image.study_id == study_id, Image.status == ImageStatus.QUEUED).order_by(Image.id)
-        )
-    )
 
 
 @dataclass(frozen=True)
@@ -405,22 +390,6 @@ def suspected_fracture_counts(session: Session, studies: Sequence[Study]) -> dic
 def study_prediction(image: Image, model_version_id: int) -> Prediction | None:
     """The image's prediction by ``model_version_id``, if any."""
     return next((p for p in image.predictions if p.model_version_id == model_version_id), None)
-
-
-def review_queue(
-    session: Session, study_id: int | None = None, include_reviewed: bool = False, order: str = "oldest"
-) -> list[tuple[Image, Prediction]]:
-    """Review cases with their prediction: flagged images and audit samples of each study's model version.
-
-    ``order``: ``oldest`` first or ``suspicious`` first (fracture probability, highest first, then
-    oldest); reviewed cases are left out unless asked. See :func:`core.reviewing.flagged_cases`.
-
-    Raises:
-        ValueError: for an unknown ``order``.
-    """
-    from core.reviewing import flagged_cases  # here, not at the top: it loads scipy, which the worker does not need
-
-    return flagged_cases(session, study_id=study_id, include_reviewed=include_reviewed, order=order)
 
 
 def record_review(session: Session, image: Image, label: str, reviewer_name: str, note: str | None = None, reviewer_id: int | None = None) -> Review:

@@ -11,6 +11,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
 from core.config import Settings, get_settings
+from core.logs import configure_logging
 
 
 class BoundedInt(IntegerConverter):
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from portal import account, admin, api, auth, errors, extensions, health, http, model_pages, presenters, review, study_pages
 
     settings = settings or get_settings()
+    configure_logging(settings)
     app = Flask(__name__)
     app.request_class = http.PortalRequest  # 413s that name the limit hit
     app.json = http.PortalJSONProvider(app)  # JSON nested too deeply is a 400, not a RecursionError

@@ -51,6 +51,14 @@ def _render_users(error: str | None = None, status: int = 200, issued: tuple[Api
                            issued=issued, groups=list_groups(session)), status
 
 
+def _changed(message: str, action: str, object_type: str, object_id: object, detail: Any = None) -> Any:
+    """Audit a change that went through, commit it, say so, and go back to the accounts page (303)."""
+    record(action, object_type, object_id, detail)
+    extensions.db_session().commit()
+    flash(message, "info")
+    return redirect(url_for("admin.users"), code=303)
+
+
 def _user(user_id: int) -> User:
     user = extensions.db_session().get(User, user_id)
     if user is None:
@@ -79,10 +87,8 @@ def create() -> Any:
     except (AuthError, GroupError) as exc:
         session.rollback()
         return _render_users(error=f"Not created: {exc}.", status=400)
-    record("user_create", "user", user.username, {"role": user.role, "group": group.name if group else None})
-    session.commit()
-    flash(f"Created {user.username} ({user.role}).", "info")
-    return redirect(url_for("admin.users"), code=303)
+    return _changed(f"Created {user.username} ({user.role}).",
+                    "user_create", "user", user.username, {"role": user.role, "group": group.name if group else None})
 
 
 @bp.post("/users/<int:user_id>/group")
@@ -96,10 +102,8 @@ def move(user_id: int) -> Any:
     except GroupError as exc:
         session.rollback()
         abort(404, f"{exc}.")
-    record("user_group", "user", user.username, {"group": group.name if group else None})
-    session.commit()
-    flash(f"{user.username} is now in {group.name if group else 'the default group'}.", "info")
-    return redirect(url_for("admin.users"), code=303)
+    return _changed(f"{user.username} is now in {group.name if group else 'the default group'}.",
+                    "user_group", "user", user.username, {"group": group.name if group else None})
 
 
 @bp.post("/groups")
@@ -112,10 +116,7 @@ def new_group() -> Any:
     except GroupError as exc:
         session.rollback()
         return _render_users(error=f"Group not created: {exc}.", status=400)
-    record("group_create", "group", group.id, {"name": group.name})
-    session.commit()
-    flash(f"Created group {group.name}; put users in it below.", "info")
-    return redirect(url_for("admin.users"), code=303)
+    return _changed(f"Created group {group.name}; put users in it below.", "group_create", "group", group.id, {"name": group.name})
 
 
 @bp.post("/users/<int:user_id>/disable")
@@ -131,23 +132,17 @@ def disable(user_id: int) -> Any:
     except AuthError as exc:
         session.rollback()
         abort(409, f"{exc}.")
-    record("user_disable", "user", user.username)
-    session.commit()
-    flash(f"Disabled {user.username}: signed out everywhere; API tokens refused while disabled.", "info")
-    return redirect(url_for("admin.users"), code=303)
+    return _changed(f"Disabled {user.username}: signed out everywhere; API tokens refused while disabled.",
+                    "user_disable", "user", user.username)
 
 
 @bp.post("/users/<int:user_id>/enable")
 @require("users")
 def enable(user_id: int) -> Any:
     """Enable a disabled account again (it signs in afresh; audited)."""
-    session = extensions.db_session()
     user = _user(user_id)
-    set_active(session, user, True)
-    record("user_enable", "user", user.username)
-    session.commit()
-    flash(f"Enabled {user.username}.", "info")
-    return redirect(url_for("admin.users"), code=303)
+    set_active(extensions.db_session(), user, True)
+    return _changed(f"Enabled {user.username}.", "user_enable", "user", user.username)
 
 
 @bp.post("/users/<int:user_id>/password")
@@ -161,10 +156,7 @@ def reset_password(user_id: int) -> Any:
     except AuthError as exc:
         session.rollback()
         return _render_users(error=f"Password of {user.username} not changed: {exc}.", status=400)
-    record("password_reset", "user", user.username)
-    session.commit()
-    flash(f"New password set for {user.username}; their sessions were ended.", "info")
-    return redirect(url_for("admin.users"), code=303)
+    return _changed(f"New password set for {user.username}; their sessions were ended.", "password_reset", "user", user.username)
 
 
 @bp.post("/users/<int:user_id>/tokens")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, abort, flash, jsonify, redirect, render_template, request, send_file, url_for
@@ -12,16 +14,19 @@ from flask_login import current_user
 from sqlalchemy import select
 
 from core import registry
-from core.artifacts import heatmap_store, preview_png
+from core.artifacts import full_depth_path, preview_png
+from core.config import Settings
 from core.imaging import ImageDecodeError
-from core.dicom import ReportUnavailable, report_filename, structured_report
+from core.dicom_report import ReportUnavailable, report_filename, structured_report
 from core.models import Image, ModelVersion, Prediction, Study, StudyStatus
-from core.queue import enqueue_images
+from core.queue import enqueue_heatmap, enqueue_images
 from core.reruns import comparison, rerun_study
 from core.reviewing import case_reason, count_flagged_cases
-from core.studies import image_store, study_counts, study_prediction, suspected_fracture_counts
+from core.storage import heatmap_store, image_store
+from core.studies import study_counts, study_prediction, suspected_fracture_counts
 from portal import extensions, presenters
 from portal.auth import may_see, record, require, visible_studies
+from portal.errors import wants_json
 from portal.http import int_param
 from portal.uploads import UploadError, collect_files, require_production_model, submit_studies
 
@@ -69,7 +74,7 @@ def index() -> Any:
 @bp.post("/studies")
 @require("upload")
 def upload() -> Any:
-    """Create a study from the upload form and go to its page."""
+    """Create a study from the upload form and go to its page (the page's script asks for JSON: where to go, or the error)."""
     session, settings = extensions.db_session(), extensions.settings()
     try:
         version = require_production_model(session)
@@ -79,14 +84,19 @@ def upload() -> Any:
                                  created_by_id=current_user.id)
     except UploadError as exc:
         session.rollback()
-        return _render_index(error=exc.message, status=exc.status)
+        if wants_json():
+            return jsonify(error=exc.for_people), exc.status
+        return _render_index(error=exc.for_people, status=exc.status)
     for submitted in created:
         failed = len(submitted.images) - len(submitted.queued_ids)
         flash(f"Study #{submitted.study.id} created: {len(submitted.images)} files, {len(submitted.queued_ids)} queued, "
               f"{failed} refused.", "info")
     if len(created) > 1:
         flash(f"The upload held {len(created)} studies (DICOM files are grouped by study); this is the first.", "info")
-    return redirect(url_for("studies.study_page", study_id=created[0].study.id), code=303)
+    target = url_for("studies.study_page", study_id=created[0].study.id)
+    if wants_json():
+        return jsonify(redirect=target, studies=[submitted.study.id for submitted in created]), 201
+    return redirect(target, code=303)
 
 
 def result_row(image: Image, study: Study) -> dict[str, Any]:
@@ -264,29 +274,71 @@ def image_file(image_id: int) -> Any:
     )
 
 
-@bp.get("/images/<int:image_id>/preview.png")
-@require("view")
-def image_preview(image_id: int) -> Any:
-    """Serve a PNG rendering of a stored image (DICOM as the model sees it), made once and kept."""
+def _derived_image(image_id: int, make: Callable[[Settings, str, bytes], Path]) -> Any:
+    """Serve a PNG derived from a stored image with ``make`` (made once and kept); 404 for another group's image."""
     image = extensions.db_session().get(Image, image_id)
     if image is None or not may_see(image.study) or not image.storage_key or not image.sha256:
         abort(404, f"Image #{image_id} has no stored file.")
     settings = extensions.settings()
     try:
-        path = preview_png(settings, image.sha256, image_store(settings).read(image.storage_key))
+        path = make(settings, image.sha256, image_store(settings).read(image.storage_key))
     except (ImageDecodeError, FileNotFoundError) as exc:
         abort(404, f"Image #{image_id} cannot be shown: {exc}")
     return send_file(path, mimetype="image/png", max_age=3600)
+
+
+@bp.get("/images/<int:image_id>/preview.png")
+@require("view")
+def image_preview(image_id: int) -> Any:
+    """Serve a PNG rendering of a stored image (DICOM as the model sees it), made once and kept."""
+    return _derived_image(image_id, preview_png)
+
+
+@bp.get("/images/<int:image_id>/pixels.png")
+@require("view")
+def image_pixels(image_id: int) -> Any:
+    """Serve an image's values at full depth for the viewer's windowing (DICOM: 16-bit after modality rescale)."""
+    return _derived_image(image_id, full_depth_path)
+
+
+def _prediction(prediction_id: int) -> Prediction:
+    """The prediction, or 404 when unknown or another group's."""
+    prediction = extensions.db_session().get(Prediction, prediction_id)
+    if prediction is None or not may_see(prediction.image.study):
+        abort(404, f"Prediction #{prediction_id} not found.")
+    return prediction
 
 
 @bp.get("/predictions/<int:prediction_id>/heatmap.png")
 @require("view")
 def heatmap(prediction_id: int) -> Any:
     """Serve the stored Grad-CAM heat map of a prediction (computed once by the worker)."""
-    prediction = extensions.db_session().get(Prediction, prediction_id)
-    if prediction is None or not may_see(prediction.image.study) or not prediction.heatmap_key:
+    prediction = _prediction(prediction_id)
+    if not prediction.heatmap_key:
         abort(404, f"Prediction #{prediction_id} has no heat map.")
     path = heatmap_store(extensions.settings()).path_for_key(prediction.heatmap_key)
     if not path.is_file():
         abort(404, "The heat map file is missing from the store.")
     return send_file(path, mimetype="image/png", max_age=3600)
+
+
+@bp.get("/predictions/<int:prediction_id>/heatmap.json")
+@require("view")
+def heatmap_status(prediction_id: int) -> Any:
+    """Whether a prediction's heat map is there (``ready`` with its url), being made (``pending``) or cannot be (``failed``)."""
+    return jsonify(presenters.heatmap_state(_prediction(prediction_id)))
+
+
+@bp.post("/predictions/<int:prediction_id>/heatmap")
+@require("review")
+def request_heatmap(prediction_id: int) -> Any:
+    """Ask a worker for a prediction's heat map (audited); the viewer polls the status until it is there."""
+    session = extensions.db_session()
+    prediction = _prediction(prediction_id)
+    if not prediction.heatmap_key:
+        prediction.heatmap_error = None
+        record("heatmap_request", "prediction", prediction.id)
+        session.commit()
+        enqueue_heatmap(extensions.celery_app(), prediction.id)
+    state = presenters.heatmap_state(prediction, requested=True)
+    return jsonify(state), 200 if state["status"] == "ready" else 202

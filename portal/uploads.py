@@ -52,10 +52,12 @@ NO_MODEL_MESSAGE = (
 class UploadError(Exception):
     """An upload that cannot be accepted; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, for_people: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        #: The message for the upload page when ``message`` speaks the API's language (field names).
+        self.for_people = for_people or message
 
 
 @dataclass(frozen=True)
@@ -223,12 +225,29 @@ def collect_files(
     for upload in files:
         if not upload.filename:  # an empty <input type=file> sends a part with no file name
             continue
+        if _is_zip(upload):  # "Choose files or a zip" and a dropped zip send it as one of the files
+            collected.extend(read_zip(upload, limit_bytes, max_file_bytes))
+            continue
         collected.append(read_file(upload.filename, upload.stream, _stream_size(upload.stream), max_file_bytes))
     if archive is not None and archive.filename:
         collected.extend(read_zip(archive, limit_bytes, max_file_bytes))
     if not collected:
-        raise UploadError("No files in the request: send one or more `files` and/or an `archive` zip.")
+        raise UploadError("No files in the request: send one or more `files` and/or an `archive` zip.",
+                          for_people="Choose at least one image, folder or zip to upload.")
     return collected
+
+
+def _is_zip(upload: FileStorage) -> bool:
+    """Whether an uploaded file is a zip (by its name or its first bytes; the stream is left where it was)."""
+    if upload.filename and upload.filename.lower().endswith(".zip"):
+        return True
+    stream = upload.stream
+    if not stream.seekable():
+        return False
+    start = stream.tell()
+    head = stream.read(4)
+    stream.seek(start)
+    return head == b"PK\x03\x04"
 
 
 def submit_studies(
@@ -284,16 +303,3 @@ def submit_studies(
             ) from exc
         log.info("study %s: %d files, %d queued in %d tasks", item.study.id, len(item.images), len(item.queued_ids), item.tasks)
     return submitted
-
-
-def submit_study(
-    session: Session,
-    settings: Settings,
-    celery: Celery,
-    name: str,
-    files: Sequence[UploadedFile],
-    model_version: ModelVersion,
-    created_by_id: int | None = None,
-) -> SubmittedStudy:
-    """Like :func:`submit_studies`, returning only the first (main) study of the upload."""
-    return submit_studies(session, settings, celery, name, files, model_version, created_by_id)[0]

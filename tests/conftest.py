@@ -1,7 +1,8 @@
 """Shared fixtures: settings on a temporary data folder, migrated databases, a tiny model, services.
 
-Tests that need PostgreSQL or Redis skip with a reason that says how to enable them; under CI
-(``CI=true``) a missing service is an error instead, so nothing is silently skipped there.
+Tests that need PostgreSQL, Redis or the shared real images (``../shared/data``) skip with a reason
+that says how to enable them; under CI (``CI=true``) a missing one is an error instead, so nothing
+is silently skipped there.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ POSTGRES_ADMIN_URL = os.environ.get("TRIAGE_TEST_POSTGRES_URL", "postgresql+psyc
 REDIS_TEST_URL = os.environ.get("TRIAGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TINY_ARCH = "test_efficientnet"
+#: Not the public default, which settings with PostgreSQL or Redis refuse.
+TEST_SECRET_KEY = "test-secret-key-not-for-production"
 
 
 def service_missing(reason: str) -> None:
-    """Skip (locally) or fail (in CI) a test whose external service is absent."""
+    """Skip (locally) or fail (in CI) a test whose external service or shared data is absent."""
     if IN_CI:
         pytest.fail(f"{reason} (CI must provide it)")
     pytest.skip(reason)
@@ -37,7 +40,9 @@ def service_missing(reason: str) -> None:
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     """Settings on ``data_dir`` with test-friendly sizes; environment variables are ignored."""
-    values: dict[str, object] = {"data_dir": data_dir, "chunk_size": 8, "batch_size": 8, "device": "cpu", "torch_threads": 1}
+    values: dict[str, object] = {
+        "data_dir": data_dir, "chunk_size": 8, "batch_size": 8, "device": "cpu", "torch_threads": 1, "secret_key": TEST_SECRET_KEY,
+    }
     values.update(overrides)
     return load_settings({}, **values)
 
@@ -59,17 +64,17 @@ def db(settings: Settings) -> Iterator[Database]:
 
 @pytest.fixture(scope="session")
 def xrays_dir() -> Path:
-    """The real radiographs in ../shared/data/xrays (skips when absent)."""
+    """The real radiographs in ../shared/data/xrays (skips when absent; fails under CI)."""
     if not XRAYS.is_dir():
-        pytest.skip(f"real radiographs not found at {XRAYS}; set TRIAGE_SHARED_DATA to the shared data folder")
+        service_missing(f"real radiographs not found at {XRAYS}; set TRIAGE_SHARED_DATA to the shared data folder")
     return XRAYS
 
 
 @pytest.fixture(scope="session")
 def dicom_dir() -> Path:
-    """The real DICOM files in ../shared/data/dicom (skips when absent)."""
+    """The real DICOM files in ../shared/data/dicom (skips when absent; fails under CI)."""
     if not DICOM_DIR.is_dir():
-        pytest.skip(f"DICOM samples not found at {DICOM_DIR}; set TRIAGE_SHARED_DATA to the shared data folder")
+        service_missing(f"DICOM samples not found at {DICOM_DIR}; set TRIAGE_SHARED_DATA to the shared data folder")
     return DICOM_DIR
 
 
@@ -107,7 +112,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     import torch
 
     from core.ml.modelio import create_model, save_weights
-    from core.ml.transforms import default_preprocessing
+    from core.preprocessing import default_preprocessing
 
     torch.manual_seed(0)
     labels = ["fracture", "no_fracture"]

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from core.config import ConfigError, get_settings
+from core.logs import configure_logging
 
 log = logging.getLogger("trainer")
 
@@ -49,10 +50,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train, evaluate, calibrate; optionally register and promote the version."""
     from core.db import Database
     from core.migrate import check_schema
+    from trainer.allocator import reuse_freed_memory
     from trainer.config import resolve_config
     from trainer.train import default_run_dir, register_run, run_training
 
     settings = get_settings()
+    reuse_freed_memory()  # a third faster on CPU: no page faults for every batch's activations
     if args.register or args.promote:
         check_schema(settings.database_url)  # before hours of training, not after
     run_dir = Path(args.out) if args.out else default_run_dir(settings.data_dir, args.arch or "model")
@@ -175,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     from core.registry import RegistryError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from core.ml.modelio import PretrainedUnavailable, WeightsError
     from trainer.config import ConfigFileError
     from trainer.data import DataError
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     expected = (SchemaNotCurrent, ConfigError, ConfigFileError, DataError, LeakageError, TrainingError, PretrainedUnavailable, WeightsError, RegistryError, ImageDecodeError, ValueError)
     try:
+        configure_logging(get_settings(), level="DEBUG" if args.verbose else None)
         return int(args.func(args))
     except expected as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from core.ml.transforms import DEFAULT_AUGMENTATION, IMAGENET_MEAN, IMAGENET_STD
+from core.ml.transforms import DEFAULT_AUGMENTATION
+from core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +127,13 @@ class TrainConfig:
             raise ConfigFileError(f"unknown augmentation setting(s): {', '.join(sorted(unknown))}")
         self.augmentation = {**DEFAULT_AUGMENTATION, **self.augmentation}
 
-    def preprocessing(self) -> dict[str, Any]:
-        """The serving preprocessing config that travels with the model version."""
-        return {
-            "input_size": [3, self.image_size, self.image_size],
-            "mean": [float(v) for v in self.mean],
-            "std": [float(v) for v in self.std],
-            "interpolation": self.interpolation,
-        }
+    def preprocessing(self) -> Preprocessing:
+        """The serving preprocessing that travels with the model version.
+
+        Raises:
+            core.preprocessing.PreprocessingError: an unknown interpolation, a mean or std per channel missing.
+        """
+        return Preprocessing.build([3, self.image_size, self.image_size], self.mean, self.std, self.interpolation)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for YAML/JSON and the registry."""

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 
 from core.imaging import ImageDecodeError, decode_image, is_dicom
 from core.ml.transforms import build_transform
+from core.preprocessing import Preprocessing
 from core.storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class TrainingDataset(Dataset[tuple[torch.Tensor, int]]):
     def __init__(
         self,
         samples: list[Sample],
-        preprocessing: dict[str, Any],
+        preprocessing: Preprocessing,
         augmentation: dict[str, Any] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         cache_scale: float = 2.0,
@@ -144,7 +145,7 @@ class TrainingDataset(Dataset[tuple[torch.Tensor, int]]):
     ) -> None:
         self.samples = samples
         self.transform = build_transform(preprocessing, training=augment, augmentation=augmentation)
-        side = int(max(preprocessing["input_size"][1:]) * cache_scale)
+        side = int(max(preprocessing.height, preprocessing.width) * cache_scale)
         self._cache_side = side
         self._max_pixels = max_pixels
         self._cache: dict[int, Image.Image] = {}
@@ -182,7 +183,7 @@ def readable_samples(samples: list[Sample], max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def eval_tensors(
-    samples: list[Sample], preprocessing: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2
+    samples: list[Sample], preprocessing: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor, list[Sample]]:
     """Decode and preprocess evaluation images exactly as the worker does; never augmented.
 
@@ -203,8 +204,7 @@ def eval_tensors(
         tensors = list(pool.map(load, samples))
     kept = [(t, s) for t, s in zip(tensors, samples) if t is not None]
     if not kept:
-        _, height, width = preprocessing["input_size"]
-        return torch.zeros((0, 3, height, width)), torch.zeros(0, dtype=torch.long), []
+        return torch.zeros((0, *preprocessing.input_size)), torch.zeros(0, dtype=torch.long), []
     images = torch.stack([t for t, _ in kept])
     targets = torch.tensor([s.label for _, s in kept], dtype=torch.long)
     return images, targets, [s for _, s in kept]

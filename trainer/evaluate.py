@@ -233,7 +233,7 @@ def evaluate_version(db: Any, settings: Any, version_id: int, data_dir: Path, sp
         DataError: when a class folder is not one of the version's labels.
     """
     from core import registry
-    from core.ml.predict import load_predictor
+    from core.ml.runtimes import load_predictor
     from trainer.calibrate import softmax
     from trainer.data import DataError, eval_tensors, list_samples
 

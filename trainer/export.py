@@ -18,7 +18,7 @@ from core.config import Settings
 from core.db import Database
 from core.imaging import ImageDecodeError, inspect_image, is_dicom
 from core.models import Image, Review
-from core.studies import image_store
+from core.storage import image_store
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.ml.modelio import build_model, save_weights
+from core.files import atomic_target
+from core.ml.modelio import build_model, feature_layer_sizes, save_weights
 from core.ml.predict import Predictor, resolve_device
+from core.preprocessing import Preprocessing
 from core.registry import ModelSpec
 from core.ml.unfamiliar import UnfamiliarReference, fit_reference
 from trainer.calibrate import ThresholdChoice, choose_threshold, fit_temperature, softmax
@@ -95,9 +97,8 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically, so a kill during the write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_target(path, suffix=".tmp") as tmp:
+        torch.save(payload, tmp)
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -183,10 +184,13 @@ def fit(
     if config.balance == "sampler":
         loader = DataLoader(
             train_set, batch_size=config.batch_size, sampler=weighted_sampler(train_set.samples, num_classes, generator),
-            num_workers=config.num_workers, generator=generator,
+            num_workers=config.num_workers, generator=generator, pin_memory=device.type == "cuda",
         )
     else:
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers, generator=generator)
+        loader = DataLoader(
+            train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers, generator=generator,
+            pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
+        )
     optimizer, scheduler = _optimizer_and_schedule(model, config, steps_per_epoch=len(loader))
     per_step = config.schedule == "onecycle"
 
@@ -240,6 +244,7 @@ def fit(
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        train_seconds = time.perf_counter() - started  # the loss read each step waits for the GPU
         val_loss, val_acc = _validate(model, val_images, val_targets, config.batch_size * 2, device)
         if not per_step:
             scheduler.step(val_acc)
@@ -254,11 +259,13 @@ def fit(
         row = {
             "epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+            "train_images_per_second": seen / max(train_seconds, 1e-9),
         }
         history.append(row)
         log.info(
-            "epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.2e %.1fs%s",
-            epoch, config.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, row["lr"], seconds, " *" if improved else "",
+            "epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.2e %.1fs (%.1f min) %.0f images/s%s",
+            epoch, config.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, row["lr"], seconds, seconds / 60,
+            row["train_images_per_second"], " *" if improved else "",
         )
         if bad_epochs >= config.early_stopping_patience:
             stopped = True
@@ -280,6 +287,18 @@ def fit(
     return FitResult(history, int(best["epoch"]), float(best["val_acc"]), len(history), stopped, elapsed)
 
 
+def epoch_speed(history: list[dict[str, float]]) -> dict[str, float | None]:
+    """Mean training images/s and minutes per epoch (training and validation) over the epochs in ``history``.
+
+    Rows of checkpoints made before images/s was recorded count for minutes only.
+    """
+    rates = [row["train_images_per_second"] for row in history if "train_images_per_second" in row]
+    return {
+        "train_images_per_second": round(sum(rates) / len(rates), 1) if rates else None,
+        "minutes_per_epoch": round(sum(row["seconds"] for row in history) / len(history) / 60, 3) if history else None,
+    }
+
+
 def code_version() -> str:
     """``git describe``-like id of the code (commit, ``-dirty`` when modified), or ``unknown``."""
     root = Path(__file__).resolve().parent.parent
@@ -299,7 +318,7 @@ class RunResult:
     weights_file: Path
     architecture: str
     labels: list[str]
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     temperature: float
     threshold: float
     metrics: dict[str, Any]
@@ -401,6 +420,7 @@ def run_training(
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "train_seconds": round(result.seconds, 2),
+        **epoch_speed(result.history),
         "history": result.history,
     }
     write_json(metrics, run_dir / "metrics.json")
@@ -441,7 +461,7 @@ def calibrate_and_certify(
     model: nn.Module,
     config: TrainConfig,
     labels: list[str],
-    preprocessing: dict[str, Any],
+    preprocessing: Preprocessing,
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
@@ -457,7 +477,10 @@ def calibrate_and_certify(
     val_logits, val_features = predictor.predict_outputs(val[0])
     test_logits, test_features = predictor.predict_outputs(test[0])
     val_y, test_y = val[1].numpy(), test[1].numpy()
-    reference = fit_reference(train_features, train[1].numpy(), val_features, config.unfamiliar_quantile, train_inputs=train[0])
+    reference = fit_reference(
+        train_features, train[1].numpy(), val_features, config.unfamiliar_quantile, train_inputs=train[0],
+        layer_sizes=feature_layer_sizes(model, preprocessing.input_size),
+    )
     val_scores, test_scores = reference.scores(val_features), reference.scores(test_features)
     val_problems, test_problems = reference.input_problems(val[0]), reference.input_problems(test[0])
     temperature = fit_temperature(val_logits, val_y)
@@ -525,6 +548,8 @@ def registry_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         "best_epoch": metrics["best_epoch"],
         "epochs_run": metrics["epochs_run"],
         "train_seconds": metrics["train_seconds"],
+        "train_images_per_second": metrics.get("train_images_per_second"),
+        "minutes_per_epoch": metrics.get("minutes_per_epoch"),
     }
 
 

@@ -7,24 +7,18 @@ CUDA does not survive a fork.
 
 from __future__ import annotations
 
-import logging
-
 from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready, worker_shutdown
 
-from core.config import get_settings
-from core.queue import make_celery
+from core.logs import configure_logging
+from worker.app import app, settings
 
-settings = get_settings()
-app = make_celery(settings, main="worker")
 celery = app  # `celery -A worker` finds `app` or `celery`
 
 
 @setup_logging.connect
 def _configure_logging(**_: object) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
-    )
+    """Celery leaves logging to us: TRIAGE_LOG_LEVEL, in the format every process uses."""
+    configure_logging(settings)
 
 
 @worker_init.connect
@@ -40,9 +34,11 @@ def _refuse_an_outdated_database(**_: object) -> None:
 
 @worker_process_init.connect
 def _reset_after_fork(**_: object) -> None:
-    """Each forked child opens its own database connections and loads its own model."""
+    """Each forked child takes its own GPU, opens its own database connections and loads its own model."""
+    from core.ml.devices import pin_pool_child
     from worker.tasks import reset_process_state
 
+    pin_pool_child(settings)
     reset_process_state()
 
 
@@ -53,6 +49,7 @@ _watchdog = None
 def _start_watchdog(**_: object) -> None:
     """Re-queue work no task will finish now (e.g. the chunk of a worker killed before this start), then every half lease."""
     global _watchdog
+    from core.queue import make_celery
     from core.reconcile import Watchdog
 
     # Its own Celery app: the thread never shares a broker connection with the consumer.

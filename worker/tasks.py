@@ -8,8 +8,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core.db import Database
 from core.leases import LeaseHeartbeat, process_identity
-from core.queue import CLASSIFY_CHUNK_TASK, RECONCILE_TASK
-from worker import app, settings
+from core.queue import CLASSIFY_CHUNK_TASK, HEATMAP_TASK, RECONCILE_TASK
+from worker.app import app, settings
 
 log = get_task_logger(__name__)
 
@@ -71,3 +71,14 @@ def reconcile() -> dict[int, int]:
 
     db, _ = _services()
     return run_reconcile(db, settings, app)
+
+
+@app.task(name=HEATMAP_TASK, autoretry_for=(OperationalError, InterfaceError), retry_backoff=True, max_retries=5)
+def heatmap(prediction_id: int) -> str:
+    """Compute the heat map a reviewer asked for (idempotent; a reason is recorded when there can be none)."""
+    from core.ml.explain import explain_prediction
+
+    db, cache = _services()
+    outcome = explain_prediction(db, settings, cache, prediction_id)
+    log.info("heat map for prediction %s: %s", prediction_id, outcome)
+    return outcome

@@ -22,7 +22,8 @@ from torch import nn
 
 from core.config import Settings
 from core.models import Image, Prediction
-from core.artifacts import heatmap_store
+from core.ml.predict import Predictor
+from core.storage import heatmap_store
 from core.studies import ClaimedImage
 
 log = logging.getLogger(__name__)
@@ -103,16 +104,18 @@ def display_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def heatmap_pngs(predictor: object, inputs: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[bytes]:
+def heatmap_pngs(predictor: Predictor, inputs: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[bytes]:
     """Heat-map PNGs with ``predictor``'s torch model for images it classified.
 
     Args:
-        predictor: a loaded predictor with a torch ``model`` (see :func:`explainable`).
+        predictor: a loaded predictor that can explain (see :func:`explainable`).
         inputs: each image's model input ``[C, H, W]`` (``predictor.transform`` of its picture):
             the very numbers the model classified, so no picture has to be kept for this.
         sizes: each image's (width, height); its heat map has that aspect ratio, at most ``MAX_SIDE``.
     """
-    model: nn.Module = predictor.model  # type: ignore[attr-defined]
+    model = predictor.explainable_model()
+    if model is None:
+        raise ValueError(f"runtime {type(predictor).__name__} has no torch model to explain with")
     device = next(model.parameters()).device
     pngs: list[bytes] = []
     # Grad-CAM keeps activations and gradients: small slices bound the memory it needs.
@@ -122,15 +125,13 @@ def heatmap_pngs(predictor: object, inputs: Sequence[torch.Tensor], sizes: Seque
     return pngs
 
 
-def explainable(predictor: object) -> bool:
-    """Whether ``predictor`` has a torch model Grad-CAM can use (not the stand-in, not ONNX)."""
-    from core.ml.predict import StandInPredictor
-
-    return not isinstance(predictor, StandInPredictor) and isinstance(getattr(predictor, "model", None), nn.Module)
+def explainable(predictor: Predictor) -> bool:
+    """Whether ``predictor`` offers a torch model Grad-CAM can use (the stand-in does not)."""
+    return predictor.explainable_model() is not None
 
 
 def store_heatmaps(
-    session: Session, settings: Settings, predictor: object, model_version_id: int,
+    session: Session, settings: Settings, predictor: Predictor, model_version_id: int,
     flagged: Sequence[tuple[Image | ClaimedImage, torch.Tensor, tuple[int, int]]],
 ) -> int:
     """Compute, store and record heat maps for flagged images; returns how many were stored.

@@ -2,6 +2,8 @@
 
 Load once, then decode -> preprocess -> batched forward under ``torch.inference_mode()`` ->
 postprocess. Used by the worker and by the trainer's evaluation, so both see the same numbers.
+:class:`Predictor` is the PyTorch runtime and the base of the others (:mod:`core.ml.onnx_runtime`);
+:func:`core.ml.runtimes.load_predictor` picks one for a version. This module knows no subclass.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from core.ml.modelio import create_model, load_state_dict_file, load_weights, lo
 from core.ml.unfamiliar import ReferenceError, UnfamiliarReference
 from core.ml.transforms import build_transform, preprocess_batch
 from core.config import Settings
-from core.registry import ModelSpec
+from core.registry import ModelSpec, reference_path
+from core.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ def flag_result(
         reason = f"Unfamiliar image: {input_problem}"
     elif unfamiliar_score is not None and unfamiliar_cut is not None and unfamiliar_score > unfamiliar_cut:
         kind = FLAG_UNFAMILIAR
-        reason = f"Unfamiliar image: unlike the radiographs the model was trained on (score {unfamiliar_score:.0f} > {unfamiliar_cut:.0f})"
+        reason = f"Unfamiliar image: unlike the radiographs the model was trained on (score {unfamiliar_score:.3g} > {unfamiliar_cut:.3g})"
     elif confidence < threshold or threshold >= 1.0:  # 1.0: nothing certified, every image is reviewed
         kind = FLAG_UNSURE
         reason = f"Model unsure: {_percent(confidence)} < {_percent(threshold)} needed"
@@ -127,33 +130,39 @@ def _percent(value: float) -> str:
 class Predictor:
     """A loaded model version ready to classify batches of decoded images.
 
-    Every runtime (this PyTorch one, ONNX fp32/int8) implements :meth:`_forward`, which returns the
-    logits and the penultimate features of one forward pass; the features give the unfamiliar-image
-    score when the version has a reference (:mod:`core.ml.unfamiliar`).
+    Every runtime (this PyTorch one, ONNX fp32/int8, the benchmarks' stand-in) calls :meth:`_setup`
+    once and implements :meth:`_forward`, which returns the logits and the penultimate features of
+    one forward pass; the features give the unfamiliar-image score when the version has a reference
+    (:mod:`core.ml.unfamiliar`). :meth:`explainable_model` says whether it can explain a result.
     """
+
+    #: On CUDA the forward pass runs under this autocast dtype (None: float32 throughout; bench.gpu
+    #: measures both and their label agreement).
+    cuda_autocast: torch.dtype | None = torch.bfloat16
 
     def __init__(
         self, spec: ModelSpec, weights_file: Path, device: str = "auto", batch_size: int = 32, reference_file: Path | None = None
     ) -> None:
         model = create_model(spec.architecture, num_classes=len(spec.labels))
-        self._setup(spec, load_weights(model, load_state_dict_file(weights_file)), device, batch_size, load_reference(reference_file))
+        self._setup(spec, batch_size, load_reference(reference_file), resolve_device(device))
+        self._place_model(load_weights(model, load_state_dict_file(weights_file)))
         log.info("loaded model version %s (%s) on %s", spec.version_id, spec.architecture, self.device)
 
-    def _setup(self, spec: ModelSpec, model: nn.Module, device: str, batch_size: int, reference: UnfamiliarReference | None) -> None:
-        self._setup_common(spec, batch_size, reference, resolve_device(device))
-        self.model: nn.Module = model.eval().to(self.device)
-        if self.device.type == "cuda":
-            # Faster convolutions on CUDA. On CPU it is faster too, but this build's channels_last
-            # kernels changed outputs far beyond 1e-4 in bench.engine, so CPU stays NCHW.
-            self.model = self.model.to(memory_format=torch.channels_last)
-
-    def _setup_common(self, spec: ModelSpec, batch_size: int, reference: UnfamiliarReference | None, device: torch.device) -> None:
-        """What every runtime sets: version, device, batch size, transform and reference."""
+    def _setup(self, spec: ModelSpec, batch_size: int, reference: UnfamiliarReference | None, device: torch.device) -> None:
+        """What every runtime sets: version, device, batch size, the version's transform and reference."""
         self.spec = spec
         self.device = device
         self.batch_size = batch_size
         self.transform = build_transform(spec.preprocessing, training=False)
         self.reference = reference
+
+    def _place_model(self, model: nn.Module) -> None:
+        """Keep ``model`` in eval mode on :attr:`device` as this runtime's forward pass."""
+        self.model: nn.Module = model.eval().to(self.device)
+        if self.device.type == "cuda":
+            # Faster convolutions on CUDA. On CPU it is faster too, but this build's channels_last
+            # kernels changed outputs far beyond 1e-4 in bench.engine, so CPU stays NCHW.
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_model(
@@ -161,8 +170,13 @@ class Predictor:
     ) -> "Predictor":
         """A predictor around a model already in memory (the trainer's evaluation), same code path."""
         predictor = cls.__new__(cls)
-        predictor._setup(spec, model, device, batch_size, reference)
+        predictor._setup(spec, batch_size, reference, resolve_device(device))
+        predictor._place_model(model)
         return predictor
+
+    def explainable_model(self) -> nn.Module | None:
+        """The torch module Grad-CAM heat maps can use for this runtime's inputs (None: it cannot explain)."""
+        return self.model
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """Decoded RGB images -> a normalised batch tensor (same transform as evaluation)."""
@@ -174,14 +188,11 @@ class Predictor:
         part = part.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             part = part.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=self.cuda_autocast or torch.float32, enabled=self.cuda_autocast is not None):
                 logits, features = logits_and_features(self.model, part)
         else:
             logits, features = logits_and_features(self.model, part)
         return logits.float().cpu(), features.float().cpu()
-
-    def _logits(self, part: torch.Tensor) -> torch.Tensor:
-        return self._forward(part)[0]
 
     def predict_outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Raw logits ``[N, classes]`` (before temperature) and features ``[N, D]``, in slices."""
@@ -230,22 +241,6 @@ class Predictor:
         return [None] * len(batch) if self.reference is None else self.reference.input_problems(batch)
 
 
-class StandInPredictor(Predictor):
-    """Benchmarks only: preprocesses like the real model, then returns fixed logits at no cost.
-
-    Used to measure the ceiling of queue, database, storage and decode without a model
-    (``TRIAGE_RUNTIME=standin``); it never serves a real study and has no unfamiliar-image score.
-    """
-
-    def __init__(self, spec: ModelSpec, batch_size: int = 32) -> None:
-        self._setup_common(spec, batch_size, None, torch.device("cpu"))
-        self._fixed = torch.linspace(1.0, 0.0, len(spec.labels))
-        log.warning("stand-in runtime: constant output for model version %s (benchmarks only)", spec.version_id)
-
-    def _forward(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._fixed.expand(part.shape[0], -1), torch.zeros(part.shape[0], 1)
-
-
 def load_reference(path: Path | None) -> UnfamiliarReference | None:
     """The unfamiliar-image reference stored at ``path`` (None: the version has none)."""
     return None if path is None else UnfamiliarReference.load(path)
@@ -257,9 +252,6 @@ def spec_reference_file(spec: ModelSpec, settings: Settings) -> Path | None:
     Raises:
         ReferenceError: when the stored file is missing or its content does not match the registry.
     """
-    from core.registry import reference_path
-    from core.storage import sha256_file
-
     if spec.reference_sha256 is None:
         return None
     path = reference_path(settings, spec.reference_sha256)
@@ -267,29 +259,3 @@ def spec_reference_file(spec: ModelSpec, settings: Settings) -> Path | None:
         raise ReferenceError(f"the unfamiliar-image reference of model version {spec.version_id} is missing or altered ({path})")
     return path
 
-
-def load_predictor(spec: ModelSpec, settings: Settings) -> Predictor:
-    """Build the runtime that ``settings.runtime`` names for ``spec`` (weights from the registry)."""
-    from core.registry import weights_path
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    if settings.runtime == "standin":
-        return StandInPredictor(spec, batch_size=settings.batch_size)
-    if settings.runtime in ("onnx", "onnx-int8"):
-        from core.ml.onnx_runtime import OnnxPredictor
-
-        return OnnxPredictor.for_spec(spec, settings)
-    if settings.runtime == "auto" and resolve_device(settings.device).type == "cpu":
-        # On CPU, ONNX Runtime runs the same fp32 model about twice as fast as eager PyTorch
-        # (bench/README.md); a model it cannot export still serves through PyTorch.
-        from core.ml.onnx_runtime import OnnxPredictor
-
-        try:
-            return OnnxPredictor.for_spec(spec, settings.model_copy(update={"runtime": "onnx"}))
-        except Exception:  # the exporter raises many types; PyTorch serves the same numbers
-            log.exception("ONNX export of model version %s failed; serving it with PyTorch", spec.version_id)
-    return Predictor(
-        spec, weights_path(settings, spec.weights_sha256), device=settings.device, batch_size=settings.batch_size,
-        reference_file=spec_reference_file(spec, settings),
-    )

@@ -1,7 +1,7 @@
-"""Image preprocessing built from a model version's own config, shared by trainer and worker.
+"""Image preprocessing built from a model version's own :class:`~core.preprocessing.Preprocessing`, shared by trainer and worker.
 
-The preprocessing config travels with each model version (input size, mean, std, interpolation),
-so serving never copies constants from training.
+The preprocessing travels with each model version (input size, mean, std, interpolation), so
+serving never copies constants from training; this module turns it into torchvision steps.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_modes_mapping
 
 from core.imaging import Resize
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from core.preprocessing import Preprocessing
 
 #: Training-time augmentation of the original fracture project; every key can be overridden.
 DEFAULT_AUGMENTATION: dict[str, Any] = {
@@ -34,24 +32,13 @@ DEFAULT_AUGMENTATION: dict[str, Any] = {
 }
 
 
-def default_preprocessing(image_size: int = 224, interpolation: str = "bilinear") -> dict[str, Any]:
-    """The original project's preprocessing: squash-resize to a square, ImageNet mean/std."""
-    return {
-        "input_size": [3, image_size, image_size],
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "interpolation": interpolation,
-    }
-
-
-def jpeg_draft_size(preprocessing: dict[str, Any]) -> tuple[int, int]:
+def jpeg_draft_size(preprocessing: Preprocessing) -> tuple[int, int]:
     """Smallest size a JPEG may be decoded at (DCT-domain downscaling) before the model's resize.
 
     Twice the input size, so the final antialiased resize still does most of the reduction and the
     result stays close to a full decode; a 2000x2500 radiograph still decodes at 1/4 scale for 224.
     """
-    _, height, width = (int(v) for v in preprocessing["input_size"])
-    return (2 * width, 2 * height)
+    return (2 * preprocessing.width, 2 * preprocessing.height)
 
 
 @dataclass(frozen=True)
@@ -67,7 +54,7 @@ class DecodeOptions:
     resize: Resize | None = None
 
 
-def decode_options(preprocessing: dict[str, Any], fast_jpeg_decode: bool) -> DecodeOptions:
+def decode_options(preprocessing: Preprocessing, fast_jpeg_decode: bool) -> DecodeOptions:
     """The worker's decode for a version: full RGB, or (``TRIAGE_FAST_JPEG_DECODE``) draft + grey.
 
     Either way the picture is resized to the model's input while it is decoded
@@ -83,10 +70,9 @@ def decode_options(preprocessing: dict[str, Any], fast_jpeg_decode: bool) -> Dec
     return DecodeOptions(draft_size=jpeg_draft_size(preprocessing), grey=True, resize=input_resize(preprocessing))
 
 
-def input_resize(preprocessing: dict[str, Any]) -> Resize:
+def input_resize(preprocessing: Preprocessing) -> Resize:
     """The first step of :func:`build_transform` (resize to the input size) as a decoder's :class:`Resize`."""
-    _, height, width = (int(v) for v in preprocessing["input_size"])
-    return Resize((width, height), pil_modes_mapping[_interpolation(preprocessing["interpolation"])])
+    return Resize((preprocessing.width, preprocessing.height), pil_modes_mapping[interpolation_mode(preprocessing)])
 
 
 class RepeatGreyChannel:
@@ -110,25 +96,24 @@ class RepeatGreyChannel:
         return f"{type(self).__name__}(channels={self.channels})"
 
 
-def _interpolation(name: str) -> InterpolationMode:
-    try:
-        return InterpolationMode(name)
-    except ValueError:
-        raise ValueError(f"unknown interpolation {name!r}; use bilinear, bicubic or nearest") from None
+def interpolation_mode(preprocessing: Preprocessing) -> InterpolationMode:
+    """The resize interpolation a version's preprocessing names, as torchvision's mode (validated names only)."""
+    return InterpolationMode(preprocessing.interpolation)
 
 
 def build_transform(
-    preprocessing: dict[str, Any], training: bool = False, augmentation: dict[str, Any] | None = None
+    preprocessing: Preprocessing, training: bool = False, augmentation: dict[str, Any] | None = None
 ) -> T.Compose:
     """PIL RGB (or grey ``L``) image -> normalised float tensor ``[C, H, W]``.
 
     Args:
-        preprocessing: a model version's config (``input_size``, ``mean``, ``std``, ``interpolation``).
+        preprocessing: a model version's preprocessing (input size, mean, std, interpolation).
         training: add the on-the-fly augmentation (never for validation, test or serving).
         augmentation: overrides of :data:`DEFAULT_AUGMENTATION` when ``training``.
     """
-    channels, height, width = (int(v) for v in preprocessing["input_size"])
-    steps: list[Any] = [T.Resize((height, width), interpolation=_interpolation(preprocessing["interpolation"]), antialias=True)]
+    steps: list[Any] = [
+        T.Resize((preprocessing.height, preprocessing.width), interpolation=interpolation_mode(preprocessing), antialias=True)
+    ]
     if training:
         aug = {**DEFAULT_AUGMENTATION, **(augmentation or {})}
         steps += [
@@ -143,7 +128,9 @@ def build_transform(
             ),
             T.RandomApply([T.GaussianBlur(aug["blur_kernel"])], p=aug["blur_p"]),
         ]
-    steps += [T.ToTensor(), RepeatGreyChannel(channels), T.Normalize(preprocessing["mean"], preprocessing["std"])]
+    steps += [
+        T.ToTensor(), RepeatGreyChannel(preprocessing.channels), T.Normalize(list(preprocessing.mean), list(preprocessing.std))
+    ]
     return T.Compose(steps)
 
 

@@ -22,7 +22,8 @@ from pydicom.uid import (
 
 from core.config import Settings
 from core.db import Database
-from core.dicom import ReportUnavailable, group_files, patient_key, read_metadata, structured_report
+from core.dicom import group_files, patient_key, read_metadata
+from core.dicom_report import ReportUnavailable, structured_report
 from core.imaging import ImageDecodeError, decode_image, inspect_image
 from core.models import Image, ImageStatus, Study
 from core.studies import add_upload, create_dicom_study, create_study, save_predictions

@@ -56,7 +56,7 @@ def test_commands_refuse_a_database_without_the_schema(tmp_path: Path) -> None:
 
     env = {"PATH": "/usr/bin:/bin", "TRIAGE_DATA_DIR": str(tmp_path / "var"), "PYTHONPATH": str(PROJECT_ROOT)}
     commands = [
-        [sys.executable, "-m", "core.cli", "model", "list"],
+        [sys.executable, "-m", "admin.cli", "model", "list"],
         [sys.executable, "-m", "trainer", "train", "--data", str(tmp_path / "nowhere"), "--arch", "test_resnet", "--register"],
         [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool", "solo", "--without-gossip", "--without-mingle"],
     ]

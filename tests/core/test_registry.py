@@ -41,7 +41,9 @@ def test_register_stores_weights_by_sha256_and_promote_is_exclusive(db: Database
         ({"labels": ["only_one"]}, "labels"),
         ({"labels": ["a", "a"]}, "labels"),
         ({"threshold": 1.5}, "threshold"),
-        ({"preprocessing": {"input_size": [3, 64, 64], "mean": [0.5] * 3}}, "std"),
+        # The stored JSON form is read back at the boundary (Preprocessing.from_dict), never registered as it is.
+        ({"preprocessing": {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}},
+         "preprocessing must be a core.preprocessing.Preprocessing"),
     ],
 )
 def test_invalid_metadata_is_refused_with_the_field_named(db: Database, settings: Settings, tiny_weights: dict, change: dict, message: str) -> None:
@@ -62,7 +64,7 @@ def test_original_project_state_dict_is_imported_and_serves_identically(db: Data
     torch.save(original.state_dict(), checkpoint)
 
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "model", "register", "--weights", str(checkpoint), "--arch", "test_efficientnet",
+        [sys.executable, "-m", "admin.cli", "model", "register", "--weights", str(checkpoint), "--arch", "test_efficientnet",
          "--labels", ",".join(LABELS), "--image-size", "64", "--threshold", "0.6", "--promote"],
         env=settings_env(settings), capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
     )
@@ -78,6 +80,21 @@ def test_original_project_state_dict_is_imported_and_serves_identically(db: Data
     assert abs(predictor.predict_tensor(batch) - expected).max() < 1e-5
 
 
+def test_an_unknown_interpolation_is_refused_at_registration(db: Database, settings: Settings, tmp_path: Path) -> None:
+    """Refused by `triage model register` with the name and the choices, before anything is stored."""
+    checkpoint = tmp_path / "model.pth"
+    torch.save(create_model("test_efficientnet", num_classes=3).state_dict(), checkpoint)
+    result = subprocess.run(
+        [sys.executable, "-m", "admin.cli", "model", "register", "--weights", str(checkpoint), "--arch", "test_efficientnet",
+         "--labels", ",".join(LABELS), "--interpolation", "lanczoz"],
+        env=settings_env(settings), capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "unknown preprocessing interpolation 'lanczoz'; use one of nearest" in result.stderr
+    with db.transaction() as session:
+        assert registry.list_versions(session) == []
+
+
 def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
     checkpoint = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Path("/etc/passwd")}, checkpoint)
@@ -89,7 +106,7 @@ def test_weights_for_another_architecture_are_refused(db: Database, settings: Se
     checkpoint = tmp_path / "other.pth"
     torch.save(create_model("test_efficientnet", num_classes=3).state_dict(), checkpoint)
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "model", "register", "--weights", str(checkpoint), "--arch", "test_convnext", "--labels", ",".join(LABELS)],
+        [sys.executable, "-m", "admin.cli", "model", "register", "--weights", str(checkpoint), "--arch", "test_convnext", "--labels", ",".join(LABELS)],
         env=settings_env(settings), capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
     )
     assert result.returncode == 1

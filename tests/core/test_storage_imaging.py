@@ -71,7 +71,8 @@ def test_grey_picture_gives_the_same_tensor_as_its_rgb_copy(xrays_dir: Path) -> 
     """Resizing one grey channel and repeating it equals resizing R = G = B: the fast path's premise."""
     import torch
 
-    from core.ml.transforms import build_transform, default_preprocessing
+    from core.ml.transforms import build_transform
+    from core.preprocessing import default_preprocessing
     from tests.conftest import xray_sample
 
     transform = build_transform(default_preprocessing(224))

@@ -8,6 +8,7 @@ supervisor with a killed worker; Redis's queue wiped and `triage reconcile` run 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -42,7 +43,7 @@ def _deploy(tmp_path: Path, postgres_url: str, redis_url: str, tiny_weights: dic
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "core.cli", *args], env=settings_env(settings), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "admin.cli", *args], env=settings_env(settings), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
 
 
 def _queue_study(db: Database, settings: Settings, files: list[Path], name: str) -> tuple[int, list[int]]:
@@ -92,7 +93,7 @@ def _deployment(request: pytest.FixtureRequest, tmp_path: Path, kind: str, tiny_
 
 #: Larger inputs, so a study of 160 images is still running when the test kills the worker.
 def _slower(tiny_weights: dict) -> dict:
-    return {**tiny_weights, "preprocessing": {**tiny_weights["preprocessing"], "input_size": [3, 160, 160]}}
+    return {**tiny_weights, "preprocessing": dataclasses.replace(tiny_weights["preprocessing"], input_size=(3, 160, 160))}
 
 
 def _statuses(db: Database, study_id: int) -> dict[ImageStatus, int]:
@@ -373,7 +374,7 @@ def test_demo_supervisor_restarts_a_killed_worker_keeps_the_portal_and_queues_th
 
     def start_demo() -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "core.cli", "demo", "--port", str(port)], cwd=PROJECT_ROOT,
+            return subprocess.Popen([sys.executable, "-m", "admin.cli", "demo", "--port", str(port)], cwd=PROJECT_ROOT,
                                     env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
 
     def healthy() -> bool:

@@ -162,14 +162,14 @@ def test_decompression_bomb_and_non_image_are_refused_clearly_and_nothing_stored
 
 def test_user_cli_creates_accounts_and_tokens(settings: Settings, db: Database, app: Flask) -> None:
     env = settings_env(settings)
-    create = subprocess.run([sys.executable, "-m", "core.cli", "user", "create", "dr.bones", "--role", "reviewer", "--password-stdin"],
+    create = subprocess.run([sys.executable, "-m", "admin.cli", "user", "create", "dr.bones", "--role", "reviewer", "--password-stdin"],
                             input="a long enough secret\n", cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert create.returncode == 0, create.stderr
     assert "created user 'dr.bones' with role reviewer" in create.stdout
-    short = subprocess.run([sys.executable, "-m", "core.cli", "user", "create", "x", "--role", "admin", "--password-stdin"],
+    short = subprocess.run([sys.executable, "-m", "admin.cli", "user", "create", "x", "--role", "admin", "--password-stdin"],
                            input="short\n", cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert short.returncode == 1 and "at least 10 characters" in short.stderr
-    token = subprocess.run([sys.executable, "-m", "core.cli", "user", "token", "dr.bones"],
+    token = subprocess.run([sys.executable, "-m", "admin.cli", "user", "token", "dr.bones"],
                            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert token.returncode == 0, token.stderr
     value = token.stdout.strip()

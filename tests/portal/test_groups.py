@@ -13,12 +13,12 @@ from flask.testing import FlaskClient
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from core.artifacts import heatmap_store
 from core.auth import create_user, get_user, issue_token
 from core.config import Settings
 from core.db import Database
 from core.groups import create_group, set_group
 from core.models import Group, Prediction, Study
+from core.storage import heatmap_store
 from tests.conftest import register_tiny_model
 from tests.portal.conftest import PASSWORD, csrf_token, predict, session_client, token_client
 

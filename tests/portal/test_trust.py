@@ -13,7 +13,8 @@ from core import registry
 from core.config import Settings
 from core.db import Database
 from core.models import Image, ModelVersion
-from core.studies import finish_study_if_complete, review_queue, save_predictions
+from core.reviewing import flagged_cases
+from core.studies import finish_study_if_complete, save_predictions
 from tests.conftest import register_tiny_model
 from tests.portal.conftest import FakeResult, csrf_token
 
@@ -102,10 +103,10 @@ def test_suspicious_order_puts_the_highest_fracture_probability_first(client: Fl
     body = client.get("/api/review-queue?order=suspicious").get_json()
     assert [case["image_id"] for case in body["cases"]] == [ids[i] for i in (1, 6, 2, 7, 0, 5, 4)]
     with db.transaction() as session:
-        assert [image.id for image, _ in review_queue(session, order="suspicious")] == [ids[i] for i in (1, 6, 2, 7, 0, 5, 4)]
-        assert [image.id for image, _ in review_queue(session, queue["id"])] == [ids[i] for i in (0, 1, 2, 4, 5, 6, 7)]
+        assert [image.id for image, _ in flagged_cases(session, order="suspicious")] == [ids[i] for i in (1, 6, 2, 7, 0, 5, 4)]
+        assert [image.id for image, _ in flagged_cases(session, study_id=queue["id"])] == [ids[i] for i in (0, 1, 2, 4, 5, 6, 7)]
         with pytest.raises(ValueError, match="order must be one of oldest, newest, suspicious"):
-            review_queue(session, order="bogus")
+            flagged_cases(session, order="bogus")
     probabilities = [case["fracture_probability"] for case in body["cases"]]
     assert probabilities[:-1] == sorted(probabilities[:-1], reverse=True) and probabilities[-1] is None  # none last
     assert client.get("/api/review-queue?order=oldest").get_json()["cases"][0]["image_id"] == ids[0]

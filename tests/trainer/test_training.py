@@ -37,6 +37,8 @@ def test_tiny_model_learns_the_synthetic_set(synthetic_dir: Path, tmp_path: Path
     result = run_training(synthetic_dir, config, tmp_path / "run")
 
     assert result.metrics["test"]["accuracy"] >= 0.95, result.metrics["test"]["confusion_matrix"]
+    assert all(row["train_images_per_second"] > 0 for row in result.metrics["history"])
+    assert result.metrics["train_images_per_second"] > 0 and result.metrics["minutes_per_epoch"] > 0
     assert result.datacheck is not None and not result.datacheck.has_leakage
     for name in ("model.safetensors", "metrics.json", "config.yaml", "datacheck.json", "confusion_matrix.png", "reliability.png", "learning_curves.png"):
         assert (tmp_path / "run" / name).is_file(), name

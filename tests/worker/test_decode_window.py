@@ -15,11 +15,12 @@ from sqlalchemy import select
 from core.config import Settings
 from core.db import Database
 from core.imaging import decode_image
-from core.ml.heatmap import heatmap_store
-from core.ml.pipeline import DecodedImage, PixelBudget, PredictorCache, classify_chunk, decoded_batches
-from core.ml.transforms import build_transform, decode_options, default_preprocessing
+from core.ml.decoding import DecodedImage, PixelBudget, decoded_batches
+from core.ml.pipeline import PredictorCache, classify_chunk
+from core.ml.transforms import build_transform, decode_options
+from core.preprocessing import default_preprocessing
 from core.models import Image, ImageStatus, ModelVersion
-from core.storage import ContentStore
+from core.storage import ContentStore, heatmap_store
 from core.studies import ClaimedImage, add_upload, create_study
 from tests.conftest import xray_sample
 from tests.e2e.conftest import wait_for

@@ -14,9 +14,10 @@ from sqlalchemy import select
 
 from core.config import Settings
 from core.db import Database
-from core.ml.heatmap import grad_cam, heatmap_store
+from core.ml.heatmap import grad_cam
 from core.ml.pipeline import PredictorCache, classify_chunk
 from core.models import Image, ModelVersion, Prediction
+from core.storage import heatmap_store
 from core.studies import add_upload, create_study
 from tests.conftest import make_settings, xray_sample
 

@@ -121,11 +121,11 @@ def test_worker_probabilities_equal_the_simple_one_image_path(
     classify_chunk(db, settings, PredictorCache(settings), study_id, ids)
 
     model = load_weights(create_model(tiny_weights["architecture"], 2), load_state_dict_file(tiny_weights["weights_file"])).eval()
-    size = tiny_weights["preprocessing"]["input_size"][1:]
+    preprocessing = tiny_weights["preprocessing"]
     simple = transforms.Compose([
-        transforms.Resize(tuple(size)),
+        transforms.Resize((preprocessing.height, preprocessing.width)),
         transforms.ToTensor(),
-        transforms.Normalize(tiny_weights["preprocessing"]["mean"], tiny_weights["preprocessing"]["std"]),
+        transforms.Normalize(list(preprocessing.mean), list(preprocessing.std)),
     ])
     by_name = {path.name: path for path in paths}
     with db.transaction() as session:
@@ -144,7 +144,7 @@ def test_worker_probabilities_equal_the_simple_one_image_path(
 
 @pytest.mark.parametrize(("count", "batch_size"), [(0, 32), (1, 32), (8, 32), (9, 32), (64, 32), (130, 32), (7, 1), (5, 2)])
 def test_batches_cover_every_image_once_with_a_short_first_batch(count: int, batch_size: int) -> None:
-    from core.ml.pipeline import batch_slices
+    from core.ml.decoding import batch_slices
 
     parts = batch_slices(count, batch_size)
     covered = [index for part in parts for index in range(count)[part]]

@@ -15,7 +15,8 @@ from core.db import Database
 from core.imaging import decode_image
 from core.ml.onnx_runtime import OnnxPredictor, RuntimeUnavailable, runtime_path
 from core.ml.pipeline import PredictorCache
-from core.ml.predict import Predictor, load_predictor
+from core.ml.predict import Predictor
+from core.ml.runtimes import load_predictor
 from tests.conftest import PROJECT_ROOT, register_tiny_model, xray_sample
 from tests.e2e.conftest import settings_env
 
@@ -70,7 +71,7 @@ def test_int8_runtime_is_built_by_the_cli_and_then_served(
         raise AssertionError("int8 runtime served before it was built")
 
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "model", "quantize", str(production_model), "--calibration", str(xrays_dir / "val"),
+        [sys.executable, "-m", "admin.cli", "model", "quantize", str(production_model), "--calibration", str(xrays_dir / "val"),
          "--count", "16", "--min-agreement", "0"],
         env=settings_env(settings), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -105,7 +106,8 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
     db: Database, settings: Settings, production_model: int, xrays_dir: Path
 ) -> None:
     """The reported agreement is the served int8 model's, measured on the images it was not calibrated on."""
-    from core.ml.onnx_runtime import calibration_images, ensure_fp32, quantize_int8
+    from core.ml.onnx_runtime import ensure_fp32
+    from core.ml.quantize import calibration_images, quantize_int8
     from core.ml.transforms import build_transform
     import onnxruntime as ort
 
@@ -113,7 +115,8 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
     images = calibration_images(xrays_dir / "val", 24)
     build = quantize_int8(settings, spec, images, percentiles=(99.0, 99.999))
     assert build.installed and build.path == runtime_path(settings, spec, "onnx-int8") and build.path.exists()
-    assert set(build.tried) == {99.0, 99.999} and build.agreement == max(build.tried.values()) == build.tried[build.percentile]
+    assert set(build.tried) == {(p, w) for p in (99.0, 99.999) for w in ("int8", "uint8")}
+    assert build.agreement == build.tried[(build.percentile, build.weights)]
 
     transform = build_transform(spec.preprocessing)
     held_out = np.stack([transform(image).numpy() for image in images[1::2]])
@@ -127,7 +130,8 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
     # With threshold 0 fp32 flags nothing, so "same label, still unflagged" is plain agreement.
     import dataclasses
 
-    unflagging = quantize_int8(settings, dataclasses.replace(spec, threshold=0.0), images, percentiles=(build.percentile,))
+    unflagging = quantize_int8(settings, dataclasses.replace(spec, threshold=0.0), images, percentiles=(build.percentile,),
+                               weight_types=(build.weights,))
     assert unflagging.unflagged == 12 and unflagging.unflagged_kept == round(build.agreement * 12)
 
     # Asking for more agreement than any candidate reached installs nothing and removes the old one.

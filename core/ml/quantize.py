@@ -1,0 +1,181 @@
+"""Int8 static quantization of a registered version's ONNX model, calibrated on real images.
+
+The int8 model is calibrated on real images (the validation split) with QDQ static quantization,
+per-channel weights and percentile activation ranges, the percentile chosen by label agreement with
+fp32 on held-out images; build it once with ``triage model quantize``, which reports that agreement.
+:mod:`core.ml.onnx_runtime` serves what this module builds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.config import Settings
+from core.files import sibling_temp_path
+from core.imaging import ImageDecodeError, decode_image
+from core.ml.onnx_runtime import BUILDING_PREFIX, RuntimeUnavailable, ensure_fp32, runtime_path
+from core.ml.predict import load_reference, probabilities_from_logits, spec_reference_file
+from core.ml.transforms import build_transform
+from core.ml.unfamiliar import UnfamiliarReference
+from core.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def calibration_images(folder: Path, limit: int) -> list[Image.Image]:
+    """Up to ``limit`` decodable images from ``folder`` (recursively, sorted, spread over classes)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+    step = max(1, len(files) // max(1, limit))
+    images: list[Image.Image] = []
+    for path in files[::step]:
+        try:
+            images.append(decode_image(path.read_bytes(), max_pixels=200_000_000))
+        except ImageDecodeError:
+            continue
+        if len(images) >= limit:
+            break
+    if not images:
+        raise RuntimeUnavailable(f"no decodable calibration images under {folder}")
+    return images
+
+
+def _confidence(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Top probability per row after the version's temperature, as the worker computes it."""
+    return probabilities_from_logits(torch.from_numpy(logits), temperature).max(dim=1).values.numpy()
+
+
+#: Activation-range percentiles tried by :func:`quantize_int8`; the held-out images pick one.
+CANDIDATE_PERCENTILES = (99.9, 99.99, 99.999)
+#: Weight types tried with each percentile. Signed weights (U8S8) are ONNX Runtime's default and
+#: fastest, but on x86 CPUs without VNNI (AVX2 only, as on this project's VM) its u8 x s8 products
+#: can saturate in 16 bits; unsigned weights (U8U8) avoid that. On the recipe-cpu model here U8U8
+#: agreed with fp32 on 96.4 % of the test images against 95.6 % for U8S8 (bench/README.md).
+WEIGHT_TYPES = ("int8", "uint8")
+
+
+@dataclass(frozen=True)
+class Int8Build:
+    """The int8 runtime built for a version and how well it agrees with fp32 on held-out images."""
+
+    path: Path
+    percentile: float
+    #: the weight type chosen (one of :data:`WEIGHT_TYPES`)
+    weights: str
+    agreement: float
+    held_out: int
+    #: label agreement on the held-out images for every (percentile, weight type) tried
+    tried: dict[tuple[float, str], float]
+    #: False when the agreement was below ``min_agreement``: nothing was written to ``path``
+    installed: bool
+    #: held-out images fp32 leaves unflagged (confident enough and, with a reference, familiar: no review) ...
+    unflagged: int = 0
+    #: ... and on how many of them the chosen int8 model gives the same label and leaves them unflagged too
+    unflagged_kept: int = 0
+
+
+def _outputs(session: Any, batch: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and features of ``batch`` through an ONNX session, ``chunk`` images at a time."""
+    parts = [session.run(["logits", "features"], {"input": batch[i : i + chunk]}) for i in range(0, len(batch), chunk)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _accepted(logits: np.ndarray, features: np.ndarray, spec: ModelSpec, reference: UnfamiliarReference | None) -> np.ndarray:
+    """Which images the worker's rule leaves unflagged: confident enough and, with a reference, familiar."""
+    accepted = _confidence(logits, spec.temperature) >= spec.threshold
+    if reference is not None:
+        accepted &= reference.scores(features) <= reference.cut
+    return accepted
+
+
+def quantize_int8(
+    settings: Settings, spec: ModelSpec, images: Sequence[Image.Image], batch_size: int = 8,
+    percentiles: Sequence[float] = CANDIDATE_PERCENTILES, min_agreement: float = 0.0,
+    weight_types: Sequence[str] = WEIGHT_TYPES,
+) -> Int8Build:
+    """Build the int8 (QDQ, per-channel, static) ONNX model of ``spec`` and measure it against fp32.
+
+    Every other image calibrates the activation ranges; the rest are held out. For each candidate
+    percentile of the activation histograms (outliers beyond it are clipped) an int8 model is built
+    and its labels compared with the fp32 model's on the held-out images; the one that keeps most
+    of the images fp32 accepts without review accepted with the same label (then: agrees most) is
+    installed, unless its agreement is below ``min_agreement`` (then no int8 runtime is written,
+    and an older one of the same version is removed). The right percentile depends on the model:
+    on a briefly trained tf_efficientnetv2_s, 99.9 to 99.999 moved test agreement from 90 % to 80 %
+    (bench/README.md). Each candidate repeats the calibration pass: an offline command, so the
+    simple public ONNX Runtime API is preferred to sharing one histogram between candidates.
+
+    Raises:
+        RuntimeUnavailable: fewer than two images (nothing to hold out).
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(images) < 2:
+        raise RuntimeUnavailable("int8 quantization needs at least two images: one to calibrate, one to check")
+    transform = build_transform(spec.preprocessing, training=False)
+    tensors = np.stack([transform(image).numpy() for image in images])
+    calibration, held_out = tensors[0::2], tensors[1::2]
+
+    # ONNX Runtime's histogram calibrators stack the batches, so they must all have one size.
+    size = max(d for d in range(1, min(batch_size, len(calibration)) + 1) if len(calibration) % d == 0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches: Iterator[np.ndarray] = iter([calibration[i : i + size] for i in range(0, len(calibration), size)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"input": batch}
+
+    fp32 = ensure_fp32(settings, spec)
+    unfamiliar_reference = load_reference(spec_reference_file(spec, settings))
+    fp32_logits, fp32_features = _outputs(ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]), held_out)
+    reference = fp32_logits.argmax(1)
+    unflagged = _accepted(fp32_logits, fp32_features, spec, unfamiliar_reference)
+    kept: dict[tuple[float, str], int] = {}
+    target = runtime_path(settings, spec, "onnx-int8")
+    prepared = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
+    candidates: dict[tuple[float, str], Path] = {}
+    tried: dict[tuple[float, str], float] = {}
+    quant_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        for key in [(percentile, weights) for weights in weight_types for percentile in percentiles]:
+            percentile, weights = key
+            candidate = candidates[key] = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
+            quantize_static(
+                str(prepared), str(candidate), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                weight_type=quant_types[weights], activation_type=QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": percentile},
+            )
+            logits, features = _outputs(ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"]), held_out)
+            tried[key] = float((logits.argmax(1) == reference).mean())
+            kept[key] = int((unflagged & (logits.argmax(1) == reference) & _accepted(logits, features, spec, unfamiliar_reference)).sum())
+            log.info("int8 candidate of version %s, percentile %s, %s weights: label agreement %.2f%% on %d held-out images",
+                     spec.version_id, percentile, weights, 100 * tried[key], len(held_out))
+        # What matters for triage first: the images fp32 accepts without review keep their label and
+        # stay accepted; then agreement on all held-out images; remaining ties go to signed weights
+        # (faster) and the highest percentile (least clipping, ONNX Runtime's default behaviour).
+        order = sorted(tried, key=lambda k: (k[1] != weight_types[0], -k[0]))
+        best = max(order, key=lambda k: (kept[k], tried[k]))
+        installed = tried[best] >= min_agreement
+        if installed:
+            candidates.pop(best).replace(target)
+        else:
+            target.unlink(missing_ok=True)
+    finally:
+        prepared.unlink(missing_ok=True)
+        for leftover in candidates.values():
+            leftover.unlink(missing_ok=True)
+    log.info("int8 runtime of version %s: percentile %s, %s weights, %d calibration images, %s", spec.version_id, *best,
+             len(calibration), "installed" if installed else f"not installed (agreement below {min_agreement:.1%})")
+    return Int8Build(target, best[0], best[1], tried[best], len(held_out), tried, installed, int(unflagged.sum()), kept[best])
