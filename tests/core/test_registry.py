@@ -110,4 +110,7 @@ def test_weights_for_another_architecture_are_refused(db: Database, settings: Se
         env=settings_env(settings), capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
     )
     assert result.returncode == 1
-    assert result.stderr.startswith("error: weights do not fit the architecture")
+    # one clear line, no traceback (log lines of the level TRIAGE_LOG_LEVEL asks for may come before it)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: weights do not fit the architecture"), result.stderr[-600:]
+    assert "Traceback" not in result.stderr

@@ -35,7 +35,9 @@ def test_pages_render_with_study_data_and_no_demo_banner_for_a_real_model(
 
     index = client.get("/").get_data(as_text=True)
     assert "#1 pages" in index and "#1 tiny test model" in index
-    for field in ('name="files" multiple webkitdirectory', 'name="archive" accept=".zip"', 'name="csrf_token"'):
+    # a folder picker, a files-or-zip picker (zips are unpacked like the archive field), each labelled in words
+    for field in ('name="files" multiple webkitdirectory', 'id="files-input"', ".zip,", 'name="csrf_token"',
+                  ">Choose a folder<", ">Choose files or a zip<"):
         assert field in index
     assert BANNER not in index
 
