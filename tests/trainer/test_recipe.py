@@ -1,6 +1,6 @@
 """The cpu recipe, reduced to fit CI: pretrained weights from the package must beat random ones.
 
-The full recipe (all of ../shared/data/xrays, 224 px, 7 epochs, about 25 minutes on two cores)
+The full recipe (all of ../shared/data/xrays, 224 px, 10 epochs, about 22 minutes on two cores)
 is measured in bench/README.md; here the same recipe runs on a small balanced subset for two
 epochs, once from the package's ImageNet weights and once from random weights, same seed.
 """

@@ -53,10 +53,11 @@ def test_tiny_model_learns_the_synthetic_set(synthetic_dir: Path, tmp_path: Path
         assert version.metrics["test"]["accuracy"] >= 0.95
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, ema_decay: float) -> None:
     data = tmp_path / "data"
     generate_dataset(data, per_class=16, image_size=32, seed=1)
-    config = resolve_config(ARCH, overrides={"image_size": 32, "epochs": 3, "batch_size": 8, "early_stopping_patience": 10})
+    config = resolve_config(ARCH, overrides={"image_size": 32, "epochs": 3, "batch_size": 8, "early_stopping_patience": 10, "ema_decay": ema_decay})
 
     full = run_training(data, config, tmp_path / "full", check=False)
 
@@ -77,6 +78,13 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert [h["val_loss"] for h in full.metrics["history"]] == [h["val_loss"] for h in resumed.metrics["history"]]
     # the last epoch's weights differ from the first's, so equality is not trivial
     assert len(full.metrics["history"]) == 3
+    checkpoint = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    if ema_decay:  # the moving average, not the last step's weights, is validated and registered
+        assert any(not torch.equal(checkpoint["ema"][k], checkpoint["model"][k]) for k in checkpoint["model"])
+        if checkpoint["best"]["epoch"] == 3:
+            assert all(torch.equal(a[k], checkpoint["ema"][k]) for k in a)
+    else:
+        assert checkpoint["ema"] is None
 
     other = resolve_config(ARCH, overrides={"image_size": 32, "epochs": 3, "batch_size": 8, "lr": 0.1})
     with pytest.raises(TrainingError, match="different settings"):

@@ -135,6 +135,9 @@ def test_config_precedence(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigFileError, match="learning_rate"):
         resolve_config(TINY_ARCH, bad)
+    for name, value in (("freeze_stages", -1), ("ema_decay", 1.0)):
+        with pytest.raises(ConfigFileError, match=name):
+            resolve_config(TINY_ARCH, overrides={name: value})
 
 
 def test_unreachable_hub_gives_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -207,3 +210,24 @@ def test_epoch_speed_is_the_mean_images_per_second_and_minutes_per_epoch() -> No
     # A resumed run's rows from before images/s was recorded count for minutes only.
     assert epoch_speed([{"seconds": 30.0}, *history]) == {"train_images_per_second": 200.0, "minutes_per_epoch": round(210 / 3 / 60, 3)}
     assert epoch_speed([]) == {"train_images_per_second": None, "minutes_per_epoch": None}
+
+
+def test_frozen_stages_keep_their_weights_while_later_layers_learn() -> None:
+    import timm
+    from trainer.train import TrainingError, freeze_early_stages
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_ARCH, num_classes=3)
+    freeze_early_stages(model, 1)
+    stem_before = model.conv_stem.weight.detach().clone()
+    first_before = next(model.blocks[0].parameters()).detach().clone()
+    second_before = next(model.blocks[1].parameters()).detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    optimizer.step()
+    assert model.conv_stem.weight.grad is None and torch.equal(model.conv_stem.weight, stem_before)
+    assert torch.equal(next(model.blocks[0].parameters()), first_before)
+    assert not torch.equal(next(model.blocks[1].parameters()), second_before)
+    with pytest.raises(TrainingError, match="freeze_stages=99"):
+        freeze_early_stages(timm.create_model(TINY_ARCH, num_classes=3), 99)
