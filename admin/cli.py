@@ -129,7 +129,8 @@ def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
               f"runtime was not installed; serve version #{spec.version_id} with TRIAGE_RUNTIME=onnx (fp32), or pass "
               "--min-agreement 0 to install it anyway", file=sys.stderr)
         return 2
-    print(f"installed at {build.path}; use it with TRIAGE_RUNTIME=onnx-int8")
+    rescaled = "; its unfamiliar-image reference rescaled on its own features" if build.rescaled_reference else ""
+    print(f"installed at {build.path}{rescaled}; use it with TRIAGE_RUNTIME=onnx-int8")
     return 0
 
 

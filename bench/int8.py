@@ -20,6 +20,7 @@ from core import registry
 from core.config import get_settings
 from core.db import Database
 from core.imaging import decode_image
+from core.ml.predict import FLAG_UNFAMILIAR
 from core.ml.quantize import calibration_images, quantize_int8
 from core.ml.runtimes import load_predictor
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = np.array([spec.labels.index(p.parent.name) if p.parent.name in spec.labels else -1 for p in files])
     labels: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     accepted: dict[str, list[bool]] = {"fp32": [], "int8": []}
+    unfamiliar: dict[str, list[bool]] = {"fp32": [], "int8": []}
     top_fp32: list[np.ndarray] = []
     seconds = {"fp32": 0.0, "int8": 0.0}
     for start in range(0, len(files), 32):
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds[name] += time.perf_counter() - clock
             labels[name].append(np.array([spec.labels.index(r.label) for r in results]))
             accepted[name] += [not r.flagged for r in results]
+            unfamiliar[name] += [r.flag_kind == FLAG_UNFAMILIAR for r in results]
             if name == "fp32":
                 top_fp32.append(np.array([r.confidence for r in results]))
     a, b = np.concatenate(labels["fp32"]), np.concatenate(labels["int8"])
@@ -62,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     kept = fp32_ok & int8_ok & (a == b)
     print(f"of the {int(fp32_ok.sum())} test images fp32 accepts without review, int8 accepts {int(kept.sum())} with the same label "
           f"({kept.sum() / max(fp32_ok.sum(), 1):.2%}); int8 accepts {int((int8_ok & ~fp32_ok).sum())} that fp32 sends to review")
+    same_flag = np.mean(np.array(unfamiliar["fp32"]) == np.array(unfamiliar["int8"]))
+    print(f"flagged unfamiliar: fp32 {np.mean(unfamiliar['fp32']):.1%}, int8 {np.mean(unfamiliar['int8']):.1%} of the test images "
+          f"(int8 {'with its rescaled reference' if build.rescaled_reference else 'with the fp32 reference'}); same decision on {same_flag:.1%}")
     # How far from a coin toss the fp32 model is: a barely trained model leaves many images near
     # the decision boundary, where any int8 noise flips the label.
     top = np.concatenate(top_fp32)

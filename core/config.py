@@ -93,7 +93,9 @@ class Settings(BaseModel):
         "other files (progressive or CMYK JPEG, PNG, DICOM, corrupt) go to the CPU decoder, one by one.",
     )
     torch_threads: int = Field(
-        default=0, ge=0, le=256, description="CPU threads for torch in a worker process (0: auto)."
+        default=0, ge=0, le=256,
+        description="Worker: CPU threads for the forward pass (PyTorch or ONNX Runtime) per worker process. 0: the "
+        "node's cores shared among the TRIAGE_WORKER_CONCURRENCY processes."
     )
     fast_jpeg_decode: bool = Field(
         default=False,

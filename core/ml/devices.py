@@ -124,7 +124,7 @@ def usable_cores() -> int:
 
 
 def decode_thread_count(configured: int, cores: int, concurrency: int) -> int:
-    """Decode threads for one worker process: ``configured``, or (0) its share of the node's ``cores``.
+    """Threads (decode or model) for one worker process: ``configured``, or (0) its share of the node's ``cores``.
 
     The node's cores are divided among the ``concurrency`` worker processes, at least one each,
     so N processes decoding at once keep every core busy without oversubscribing them.
@@ -137,3 +137,12 @@ def decode_thread_count(configured: int, cores: int, concurrency: int) -> int:
 def decode_threads(settings: Settings) -> int:
     """Decode threads for this worker process, from ``TRIAGE_DECODE_THREADS`` and the node."""
     return decode_thread_count(settings.decode_threads, usable_cores(), settings.worker_concurrency)
+
+
+def model_threads(settings: Settings) -> int:
+    """CPU threads for the forward pass (PyTorch or ONNX Runtime), from ``TRIAGE_TORCH_THREADS`` and the node.
+
+    0 (the default) shares the node's cores among the ``TRIAGE_WORKER_CONCURRENCY`` pool children,
+    so two single-threaded children on a two-core node do not oversubscribe it.
+    """
+    return decode_thread_count(settings.torch_threads, usable_cores(), settings.worker_concurrency)

@@ -3,6 +3,8 @@
 The int8 model is calibrated on real images (the validation split) with QDQ static quantization,
 per-channel weights and percentile activation ranges, the percentile chosen by label agreement with
 fp32 on held-out images; build it once with ``triage model quantize``, which reports that agreement.
+The version's unfamiliar-image reference is rescaled on the int8 model's own features
+(:func:`runtime_reference`) and stored beside the int8 file.
 :mod:`core.ml.onnx_runtime` serves what this module builds.
 """
 
@@ -19,9 +21,9 @@ import torch
 from PIL import Image
 
 from core.config import Settings
-from core.files import sibling_temp_path
+from core.files import atomic_target, sibling_temp_path
 from core.imaging import ImageDecodeError, decode_image
-from core.ml.onnx_runtime import BUILDING_PREFIX, RuntimeUnavailable, ensure_fp32, runtime_path
+from core.ml.onnx_runtime import BUILDING_PREFIX, RuntimeUnavailable, ensure_fp32, int8_reference_path, runtime_path
 from core.ml.predict import load_reference, probabilities_from_logits, spec_reference_file
 from core.ml.transforms import build_transform
 from core.ml.unfamiliar import UnfamiliarReference
@@ -79,6 +81,8 @@ class Int8Build:
     unflagged: int = 0
     #: ... and on how many of them the chosen int8 model gives the same label and leaves them unflagged too
     unflagged_kept: int = 0
+    #: whether the unfamiliar-image reference was rescaled on the int8 model's own features (:func:`runtime_reference`)
+    rescaled_reference: bool = False
 
 
 def _outputs(session: Any, batch: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +97,26 @@ def _accepted(logits: np.ndarray, features: np.ndarray, spec: ModelSpec, referen
     if reference is not None:
         accepted &= reference.scores(features) <= reference.cut
     return accepted
+
+
+#: Fewest calibration images fp32 finds familiar for the int8 runtime to get a rescaled reference.
+MIN_FAMILIAR_FOR_RESCALE = 32
+
+
+def runtime_reference(
+    reference: UnfamiliarReference, fp32_features: np.ndarray, runtime_features: np.ndarray, minimum: int = MIN_FAMILIAR_FOR_RESCALE
+) -> UnfamiliarReference | None:
+    """The version's reference rescaled for a runtime whose features differ a little from fp32's (int8).
+
+    The layers are rescaled (:meth:`UnfamiliarReference.rescaled`) on the runtime's features of the
+    calibration images that the fp32 model finds familiar, so the runtime flags about as many
+    familiar images as fp32 does. Unfamiliar calibration images are left out: they would loosen the
+    cut. None (keep the fp32 reference) when fewer than ``minimum`` images are familiar.
+    """
+    familiar = reference.scores(fp32_features) <= reference.cut
+    if int(familiar.sum()) < minimum:
+        return None
+    return reference.rescaled(np.asarray(runtime_features)[familiar])
 
 
 def quantize_int8(
@@ -138,14 +162,18 @@ def quantize_int8(
 
     fp32 = ensure_fp32(settings, spec)
     unfamiliar_reference = load_reference(spec_reference_file(spec, settings))
-    fp32_logits, fp32_features = _outputs(ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]), held_out)
+    fp32_session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    fp32_logits, fp32_features = _outputs(fp32_session, held_out)
     reference = fp32_logits.argmax(1)
+    calibration_features = None if unfamiliar_reference is None else _outputs(fp32_session, calibration)[1]
     unflagged = _accepted(fp32_logits, fp32_features, spec, unfamiliar_reference)
     kept: dict[tuple[float, str], int] = {}
     target = runtime_path(settings, spec, "onnx-int8")
     prepared = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
     candidates: dict[tuple[float, str], Path] = {}
     tried: dict[tuple[float, str], float] = {}
+    references: dict[tuple[float, str], UnfamiliarReference] = {}
+    reference_target = int8_reference_path(target)
     quant_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
@@ -157,9 +185,14 @@ def quantize_int8(
                 weight_type=quant_types[weights], activation_type=QuantType.QUInt8,
                 calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": percentile},
             )
-            logits, features = _outputs(ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"]), held_out)
+            session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+            if unfamiliar_reference is not None:
+                rescaled = runtime_reference(unfamiliar_reference, calibration_features, _outputs(session, calibration)[1])
+                if rescaled is not None:
+                    references[key] = rescaled
+            logits, features = _outputs(session, held_out)
             tried[key] = float((logits.argmax(1) == reference).mean())
-            kept[key] = int((unflagged & (logits.argmax(1) == reference) & _accepted(logits, features, spec, unfamiliar_reference)).sum())
+            kept[key] = int((unflagged & (logits.argmax(1) == reference) & _accepted(logits, features, spec, references.get(key, unfamiliar_reference))).sum())
             log.info("int8 candidate of version %s, percentile %s, %s weights: label agreement %.2f%% on %d held-out images",
                      spec.version_id, percentile, weights, 100 * tried[key], len(held_out))
         # What matters for triage first: the images fp32 accepts without review keep their label and
@@ -169,13 +202,20 @@ def quantize_int8(
         best = max(order, key=lambda k: (kept[k], tried[k]))
         installed = tried[best] >= min_agreement
         if installed:
+            if best in references:
+                with atomic_target(reference_target, prefix=BUILDING_PREFIX, suffix=".safetensors") as tmp:
+                    references[best].save(tmp)
+            else:
+                reference_target.unlink(missing_ok=True)
             candidates.pop(best).replace(target)
         else:
             target.unlink(missing_ok=True)
+            reference_target.unlink(missing_ok=True)
     finally:
         prepared.unlink(missing_ok=True)
         for leftover in candidates.values():
             leftover.unlink(missing_ok=True)
     log.info("int8 runtime of version %s: percentile %s, %s weights, %d calibration images, %s", spec.version_id, *best,
              len(calibration), "installed" if installed else f"not installed (agreement below {min_agreement:.1%})")
-    return Int8Build(target, best[0], best[1], tried[best], len(held_out), tried, installed, int(unflagged.sum()), kept[best])
+    return Int8Build(target, best[0], best[1], tried[best], len(held_out), tried, installed, int(unflagged.sum()), kept[best],
+                     rescaled_reference=best in references)

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from core.config import Settings
+from core.ml.devices import model_threads
 from core.ml.onnx_runtime import OnnxPredictor
 from core.ml.predict import Predictor, resolve_device, spec_reference_file
 from core.registry import ModelSpec, weights_path
@@ -42,8 +43,7 @@ class StandInPredictor(Predictor):
 
 def load_predictor(spec: ModelSpec, settings: Settings) -> Predictor:
     """Build the runtime that ``settings.runtime`` names for ``spec`` (weights from the registry)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(model_threads(settings))
     if settings.runtime == "standin":
         return StandInPredictor(spec, batch_size=settings.batch_size)
     if settings.runtime in ("onnx", "onnx-int8"):

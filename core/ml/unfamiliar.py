@@ -20,6 +20,7 @@ References of the first format (penultimate features only, unscaled) still load 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -97,6 +98,25 @@ class UnfamiliarReference:
             columns.append(layer.distances(x[:, start : start + layer.width]) / layer.scale)
             start += layer.width
         return np.stack(columns, axis=1)
+
+    def rescaled(self, features: np.ndarray | torch.Tensor) -> "UnfamiliarReference":
+        """The same layers, each scaled by its :attr:`quantile` on ``features``, and the cut set on them.
+
+        Fitting uses this on validation features; a runtime whose features differ slightly from the
+        fitted model's (int8) uses it on its own features of validation images, so that it flags the
+        same share of familiar images as the fp32 model does.
+
+        Raises:
+            ReferenceError: when the feature length differs from the reference's, or no rows are given.
+        """
+        unscaled = dataclasses.replace(self, layers=tuple(dataclasses.replace(layer, scale=1.0) for layer in self.layers), cut=float("inf"))
+        distances = unscaled.layer_distances(features)
+        if len(distances) == 0:
+            raise ReferenceError("rescaling an unfamiliar-image reference needs at least one feature row")
+        scales = [float(np.quantile(column, self.quantile)) for column in distances.T]
+        layers = tuple(dataclasses.replace(layer, scale=scale if scale > 0 else 1.0) for layer, scale in zip(self.layers, scales))
+        provisional = dataclasses.replace(self, layers=layers, cut=float("inf"))
+        return dataclasses.replace(provisional, cut=float(np.quantile(provisional.scores(features), self.quantile)))
 
     def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """The unfamiliar score of each row of ``features`` ``[N, D]``: its largest scaled layer distance.
@@ -246,15 +266,12 @@ def fit_reference(
         raise ReferenceError(f"layer sizes {sizes} do not add up to the {x.shape[1]} feature values")
     layers, start = [], 0
     for size in sizes:
-        layer = fit_layer(x[:, start : start + size], y)
-        scale = float(np.quantile(layer.distances(val[:, start : start + size]), quantile))
-        layers.append(LayerReference(layer.means, layer.precision, scale if scale > 0 else 1.0))
+        layers.append(fit_layer(x[:, start : start + size], y))
         start += size
-    provisional = UnfamiliarReference(tuple(layers), cut=float("inf"), quantile=quantile)
-    cut = float(np.quantile(provisional.scores(val), quantile))
     colour_max = detail_min = None
     if train_inputs is not None and len(train_inputs):
         colour, detail = input_statistics(train_inputs)
         colour_max = float(colour.max()) + COLOUR_MARGIN
         detail_min = float(np.quantile(detail, 0.001)) / 2
-    return UnfamiliarReference(tuple(layers), cut=cut, quantile=quantile, colour_max=colour_max, detail_min=detail_min)
+    fitted = UnfamiliarReference(tuple(layers), cut=float("inf"), quantile=quantile, colour_max=colour_max, detail_min=detail_min)
+    return fitted.rescaled(val)

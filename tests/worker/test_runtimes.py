@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from core import registry
@@ -144,3 +145,23 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
         pass
     else:
         raise AssertionError("a refused int8 runtime was served")
+
+
+def test_onnx_sessions_take_their_share_of_the_cores_and_do_not_spin(
+    db: Database, settings: Settings, production_model: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.ml import devices
+
+    monkeypatch.setattr(devices, "usable_cores", lambda: 8)
+    spec = _spec(db, production_model)
+    torch_threads = torch.get_num_threads()
+    try:
+        shared = load_predictor(spec, settings.model_copy(update={"runtime": "onnx", "torch_threads": 0, "worker_concurrency": 4}))
+        options = shared.session.get_session_options()
+        assert options.intra_op_num_threads == 2  # 8 cores among 4 pool children
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert torch.get_num_threads() == 2
+        pinned = load_predictor(spec, settings.model_copy(update={"runtime": "onnx", "torch_threads": 3}))
+        assert pinned.session.get_session_options().intra_op_num_threads == 3
+    finally:
+        torch.set_num_threads(torch_threads)

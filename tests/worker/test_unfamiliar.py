@@ -190,3 +190,27 @@ def test_references_of_the_first_format_still_score_as_before(tmp_path: Path) ->
         fit_reference(features, np.array([0, 1, 0, 1, 0]), features, layer_sizes=[3, 3])
     layered.save(tmp_path / "v2.safetensors")
     assert np.allclose(UnfamiliarReference.load(tmp_path / "v2.safetensors").scores(features), layered.scores(features))
+
+
+def test_int8_reference_is_rescaled_on_familiar_images_only() -> None:
+    from core.ml.quantize import runtime_reference
+    from core.ml.unfamiliar import fit_reference
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(0, 1, (600, 6))
+    targets = (train[:, 0] > 0).astype(int)
+    reference = fit_reference(train, targets, rng.normal(0, 1, (400, 6)), quantile=0.975, layer_sizes=[2, 4])
+    familiar_fp32 = rng.normal(0, 1, (300, 6))
+    strangers_fp32 = rng.normal(8, 1, (40, 6))
+    fp32 = np.concatenate([familiar_fp32, strangers_fp32])
+    # A runtime whose features drift (as int8's do): the fp32 cut flags most familiar images.
+    drifted = fp32 * 1.6 + rng.normal(0, 0.3, fp32.shape)
+    assert (reference.scores(drifted[:300]) > reference.cut).mean() > 0.3
+    rescaled = runtime_reference(reference, fp32, drifted)
+    assert rescaled is not None
+    assert (rescaled.scores(drifted[:300]) > rescaled.cut).mean() <= 0.05
+    assert (rescaled.scores(drifted[300:]) > rescaled.cut).all()  # the strangers stay unfamiliar
+    # The strangers did not loosen the cut: rescaling on the familiar rows alone gives the same reference.
+    alone = runtime_reference(reference, familiar_fp32, drifted[:300])
+    assert alone is not None and alone.cut == pytest.approx(rescaled.cut)
+    assert runtime_reference(reference, fp32[:20], drifted[:20]) is None  # too few familiar images: keep fp32's
