@@ -124,7 +124,9 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, inter
 
 
 def start_worker(env: dict[str, str], log_path: Path, hostname: str = "bench", node: str | None = None) -> subprocess.Popen[bytes]:
-    """Start a real `celery -A worker worker` (one pool child) with ``env``; returns once it is ready.
+    """Start a real `celery -A worker worker` with ``env``; returns once it is ready.
+
+    Its pool children are ``TRIAGE_WORKER_CONCURRENCY`` in ``env`` (default one), as in production.
 
     The worker leads its own process group (:func:`kill_group` kills it whole). ``node`` is its
     node name as given to ``-n`` (e.g. ``a@%h``); by default ``{hostname}-{this pid}@%h``. The log
@@ -132,7 +134,7 @@ def start_worker(env: dict[str, str], log_path: Path, hostname: str = "bench", n
     """
     readies = log_path.read_text(errors="replace").count(" ready.") if log_path.exists() else 0
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", "--concurrency", "1",
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO",
          "--without-gossip", "--without-mingle", "--hostname", node or f"{hostname}-{os.getpid()}@%h"],
         cwd=PROJECT_ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )

@@ -81,7 +81,7 @@ def run_system(run: Deployment, files: list[tuple[str, bytes]], studies: int = 1
     """Upload ``files`` as ``studies`` studies to a gunicorn portal with one `celery -A worker worker`, and wait.
 
     The portal and worker run on ``run``'s deployment and are stopped afterwards. The worker is
-    warmed first with a one-image study (a production worker has its model loaded).
+    warmed first with a one-image study per pool child (a production worker has its model loaded).
     """
     log_path = run.workdir / "worker.log"
     with Processes() as processes:
@@ -92,8 +92,9 @@ def run_system(run: Deployment, files: list[tuple[str, bytes]], studies: int = 1
         def study_done(study_id: int) -> bool:
             return requests.get(f"{url}/api/studies/{study_id}", headers=run.headers, timeout=30).json()["status"] == "done"
 
-        warm = upload_study(url, run.headers, "warm-up", files[:1])
-        wait_until(lambda: study_done(warm), 600, "warm-up")
+        # One single-image study per pool child, sent together: each idle child takes one.
+        warm = [upload_study(url, run.headers, f"warm-up {child}", files[:1]) for child in range(run.settings.worker_concurrency)]
+        wait_until(lambda: all(study_done(study_id) for study_id in warm), 600, "warm-up")
         warm_lines = len(log_path.read_text(errors="replace").splitlines())
 
         rss_after_warmup = _rss_mb(worker)

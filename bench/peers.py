@@ -157,20 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=128, help="our worker: images per queued task")
     parser.add_argument("--actors", type=int, default=os.cpu_count() or 1, help="Ray Data actor pool size (default: one per core)")
+    parser.add_argument("--worker-concurrency", type=int, default=1,
+                        help="our worker: pool children (TRIAGE_WORKER_CONCURRENCY); each gets its share of the cores")
+    parser.add_argument("--decode-threads", type=int, default=0, help="our worker: TRIAGE_DECODE_THREADS (0: its share of the cores)")
+    parser.add_argument("--skip-ray", action="store_true", help="measure our path only (e.g. to compare worker settings)")
     args = parser.parse_args(argv)
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise SystemExit(RAY_MISSING) from None
+    if not args.skip_ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise SystemExit(RAY_MISSING) from None
     print(f"machine: {machine_line()}; commit {git_revision()}")
 
     paths = peer_images(args.images)
     files = [(f"{index:04d}-{path.name}", path.read_bytes()) for index, path in enumerate(paths)]
-    with deployment(args.arch, args.image_size, REDIS_URL, runtime="onnx", batch_size=args.batch_size, chunk_size=args.chunk_size) as run:
+    with deployment(args.arch, args.image_size, REDIS_URL, runtime="onnx", batch_size=args.batch_size, chunk_size=args.chunk_size,
+                    worker_concurrency=args.worker_concurrency, decode_threads=args.decode_threads) as run:
         from core.ml.onnx_runtime import ensure_fp32
 
         onnx_file = ensure_fp32(run.settings, run.spec)  # the file the worker serves
-        peer = run_ray(files, onnx_file, run.spec, run.settings.max_image_pixels, args.batch_size, args.actors)
+        peer = None if args.skip_ray else run_ray(files, onnx_file, run.spec, run.settings.max_image_pixels, args.batch_size, args.actors)
         ours = run_system(run, files)
         with run.db.transaction() as session:
             stored = session.execute(
@@ -179,27 +185,32 @@ def main(argv: list[str] | None = None) -> int:
             ).all()
 
     n = len(files)
-    labels = run.spec.labels
-    ours_probabilities = {name: np.array([probabilities[label] for label in labels]) for name, probabilities, _, _ in stored}
-    agree = np.mean([ours_probabilities[name].argmax() == peer["probabilities"][name].argmax() for name in ours_probabilities])
-    diff = max(float(np.abs(ours_probabilities[name] - peer["probabilities"][name]).max()) for name in ours_probabilities)
+    children = args.worker_concurrency
     our_decode = 1000 * sum(row[2] for row in stored) / n
     our_model = 1000 * sum(row[3] for row in stored) / n
+    our_elapsed = 1000 * ours.seconds / n
     print(f"{n} real radiographs (xrays/test + val), {args.arch}@{args.image_size}, ONNX Runtime fp32 (the same file), batch {args.batch_size}")
-    print(f"ours, end to end (HTTP upload -> Redis -> worker -> PostgreSQL): {ours.rate:7.1f} images/s  ({ours.seconds:.1f} s; "
-          f"done {ours.counts['done']}, failed {ours.counts['failed']}); worker alone {n / ours.worker_seconds:.1f} images/s")
-    print(f"Ray Data {peer['actors']} actors x {peer['threads']} thread(s), in process: {n / peer['steady']:7.1f} images/s steady "
-          f"(first batch start -> last batch end, {peer['steady']:.1f} s); {n / peer['wall']:.1f} images/s for the whole job "
-          f"({peer['wall']:.1f} s with start-up)")
-    print(f"ours end to end / Ray Data steady: {ours.rate / (n / peer['steady']):.2f}x")
+    print(f"ours, end to end (HTTP upload -> Redis -> worker with {children} pool child(ren) -> PostgreSQL): {ours.rate:7.1f} images/s  "
+          f"({ours.seconds:.1f} s; done {ours.counts['done']}, failed {ours.counts['failed']}); worker alone {n / ours.worker_seconds:.1f} images/s")
+    if peer is not None:
+        print(f"Ray Data {peer['actors']} actors x {peer['threads']} thread(s), in process: {n / peer['steady']:7.1f} images/s steady "
+              f"(first batch start -> last batch end, {peer['steady']:.1f} s); {n / peer['wall']:.1f} images/s for the whole job "
+              f"({peer['wall']:.1f} s with start-up)")
+        print(f"ours end to end / Ray Data steady: {ours.rate / (n / peer['steady']):.2f}x")
     print("per image (ms)            elapsed  decode+preprocess  model  rest")
-    print(f"ours, end to end         {1000 * ours.seconds / n:8.2f} {our_decode:18.2f} {our_model:6.2f} {1000 * ours.seconds / n - our_model:5.2f}"
-          "   (decode runs in threads beside the model; rest = elapsed - model: upload, decode waits, database, broker)")
-    ray_decode, ray_model = 1000 * peer["decode"] / n, 1000 * peer["model"] / n
-    ray_rest = 1000 * peer["steady"] * peer["actors"] / n - ray_decode - ray_model
-    print(f"Ray Data, steady         {1000 * peer['steady'] / n:8.2f} {ray_decode:18.2f} {ray_model:6.2f} {ray_rest:5.2f}"
-          f"   ({peer['actors']} actors side by side, each decoding then running its batch; rest = actor time outside both: scheduling, transfers, idle)")
-    print(f"same labels on {agree:.1%} of the images; max |p_ours - p_ray| = {diff:.1e}")
+    print(f"ours, end to end         {our_elapsed:8.2f} {our_decode:18.2f} {our_model:6.2f} {our_elapsed * children - our_model:5.2f}"
+          f"   ({children} child(ren) side by side, decode in threads beside the model; rest = elapsed x children - model: "
+          "upload, decode waits, database, broker)")
+    if peer is not None:
+        labels = run.spec.labels
+        ours_probabilities = {name: np.array([probabilities[label] for label in labels]) for name, probabilities, _, _ in stored}
+        agree = np.mean([ours_probabilities[name].argmax() == peer["probabilities"][name].argmax() for name in ours_probabilities])
+        diff = max(float(np.abs(ours_probabilities[name] - peer["probabilities"][name]).max()) for name in ours_probabilities)
+        ray_decode, ray_model = 1000 * peer["decode"] / n, 1000 * peer["model"] / n
+        ray_rest = 1000 * peer["steady"] * peer["actors"] / n - ray_decode - ray_model
+        print(f"Ray Data, steady         {1000 * peer['steady'] / n:8.2f} {ray_decode:18.2f} {ray_model:6.2f} {ray_rest:5.2f}"
+              f"   ({peer['actors']} actors side by side, each decoding then running its batch; rest = actor time outside both: scheduling, transfers, idle)")
+        print(f"same labels on {agree:.1%} of the images; max |p_ours - p_ray| = {diff:.1e}")
     return 0
 
 
