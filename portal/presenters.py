@@ -373,7 +373,7 @@ def model_trust(version: ModelVersion, estimate: AuditEstimate) -> dict[str, Any
     accuracy, auc = _number(test, "accuracy"), _number(test, "auc_macro_ovr")
     scores = []
     if accuracy is not None:
-        scores.append(f"accuracy {percent(accuracy)}")
+        scores.append(f"accuracy {100 * accuracy:.1f} %")  # one decimal: versions are compared on it
     if auc is not None:
         scores.append(f"AUC {auc:.3f} (macro, one-vs-rest)")
     return {

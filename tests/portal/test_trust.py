@@ -174,7 +174,7 @@ def test_models_page_states_the_promise_and_the_audit_estimate(
             "39 % sent to review (31 % unsure, 8 % unfamiliar).") in page
     assert ("Promise made at validation: error among unflagged images ≤ 5 % with 95 % confidence "
             "(bound 4.1 % on 615 images)") in page
-    assert "Held-out accuracy 87 %, AUC 0.931 (macro, one-vs-rest)." in page
+    assert "Held-out accuracy 87.4 %, AUC 0.931 (macro, one-vs-rest)." in page
     assert ("Promise made at validation: not certified: error among unflagged images ≤ 5 % with 95 % confidence "
             "could not be shown (bound 6.3 % on 615 images)") in page
     assert "On held-out images: 25 % sent to review." in page
