@@ -99,6 +99,31 @@ def _accepted(logits: np.ndarray, features: np.ndarray, spec: ModelSpec, referen
     return accepted
 
 
+def pad_size_nodes(model_path: Path) -> list[str]:
+    """Names of the nodes that compute a ``Pad``'s sizes from tensor shapes (TF-style "same" padding).
+
+    timm's ``tf_*`` models pad stride-2 convolutions by amounts computed in the graph (Shape,
+    Gather, Div, Ceil, ..., Concat). Quantizing those small float vectors rounds a pad of 1 to
+    0.99, which the cast to int64 makes 0: every stride-2 window shifts by a pixel. They must stay
+    in float. On the recipe-cpu model, keeping them so raised int8's label agreement with fp32 on
+    the test split from 94.9 % to 96.3 % (bench/README.md).
+    """
+    import onnx
+
+    model = onnx.load(str(model_path))
+    producers = {output: node for node in model.graph.node for output in node.output}
+    found: dict[str, None] = {}
+    pending = [name for node in model.graph.node if node.op_type == "Pad" for name in node.input[1:] if name]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.name in found:
+            continue
+        found[node.name] = None
+        if node.op_type != "Shape":  # a shape is where the sizes start; its input is the activation
+            pending.extend(name for name in node.input if name)
+    return list(found)
+
+
 #: Fewest calibration images fp32 finds familiar for the int8 runtime to get a rescaled reference.
 MIN_FAMILIAR_FOR_RESCALE = 32
 
@@ -177,6 +202,7 @@ def quantize_int8(
     quant_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        keep_float = pad_size_nodes(prepared)
         for key in [(percentile, weights) for weights in weight_types for percentile in percentiles]:
             percentile, weights = key
             candidate = candidates[key] = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
@@ -184,6 +210,7 @@ def quantize_int8(
                 str(prepared), str(candidate), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 weight_type=quant_types[weights], activation_type=QuantType.QUInt8,
                 calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": percentile},
+                nodes_to_exclude=keep_float,
             )
             session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
             if unfamiliar_reference is not None:

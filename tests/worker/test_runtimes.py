@@ -165,3 +165,33 @@ def test_onnx_sessions_take_their_share_of_the_cores_and_do_not_spin(
         assert pinned.session.get_session_options().intra_op_num_threads == 3
     finally:
         torch.set_num_threads(torch_threads)
+
+
+def test_pad_sizes_computed_from_shapes_are_kept_out_of_int8(tmp_path: Path) -> None:
+    """TF-style "same" padding computes its sizes in the graph; quantizing them would shift the windows."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from core.ml.quantize import pad_size_nodes
+
+    const = lambda name, values: helper.make_node("Constant", [], [name], name=name, value=helper.make_tensor(  # noqa: E731
+        name, TensorProto.FLOAT, [len(values)], values))
+    nodes = [
+        helper.make_node("Shape", ["input"], ["shape"], name="shape"),
+        helper.make_node("Cast", ["shape"], ["shape_f"], name="cast_f", to=TensorProto.FLOAT),
+        const("two", [2.0, 2.0, 2.0, 2.0]),
+        helper.make_node("Div", ["shape_f", "two"], ["half"], name="div"),
+        helper.make_node("Ceil", ["half"], ["ceil"], name="ceil"),
+        const("sub", [1.0, 1.0, 1.0, 1.0]),
+        helper.make_node("Sub", ["ceil", "sub"], ["size"], name="sizes"),
+        helper.make_node("Concat", ["size", "size"], ["pads_f"], name="concat", axis=0),
+        helper.make_node("Cast", ["pads_f"], ["pads"], name="cast_i", to=TensorProto.INT64),
+        helper.make_node("Pad", ["input", "pads"], ["padded"], name="pad"),
+        helper.make_node("Relu", ["padded"], ["output"], name="relu"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    found = set(pad_size_nodes(tmp_path / "m.onnx"))
+    assert found == {"shape", "cast_f", "two", "div", "ceil", "sub", "sizes", "concat", "cast_i"}
+    assert not found & {"pad", "relu"}  # the activations themselves are still quantized
