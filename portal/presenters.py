@@ -310,9 +310,11 @@ def held_out_sentence(metrics: dict[str, Any]) -> str | None:
     error, bound, flag_rate = _number(test, "error_unflagged"), _number(test, "error_unflagged_bound"), _number(test, "flag_rate")
     clauses = []
     accepted = []
-    if coverage is not None:
+    if coverage == 0:  # nothing accepted: an error "among" no images says nothing
+        accepted.append("none accepted without review")
+    elif coverage is not None:
         accepted.append(f"{percent(coverage)} accepted without review")
-    if error is not None:
+    if error is not None and coverage != 0:
         wrong = f"{percent(error)} of those wrong" if coverage is not None else f"{percent(error)} of unflagged images wrong"
         accepted.append(wrong + (f" (95 % bound {percent(bound)})" if bound is not None else ""))
     if accepted:

@@ -166,7 +166,9 @@ def test_models_page_states_the_promise_and_the_audit_estimate(
         partial = registry.register_version(session, settings, name="partial", **{
             **tiny_weights, "metrics": {"test": {"flag_rate": 0.25, "flag_rate_by_reason": None}, "guarantee": {"certified": False}}})
         uncertified = registry.register_version(session, settings, name="uncertified", **{
-            **tiny_weights, "metrics": {"guarantee": {**GUARANTEE, "bound": 0.063, "certified": False}}})
+            **tiny_weights, "metrics": {"guarantee": {**GUARANTEE, "bound": 0.063, "certified": False}, "test": {
+                **TEST_METRICS, "coverage": 0.0, "error_unflagged": 0.0, "error_unflagged_bound": 1.0, "flag_rate": 1.0,
+                "flag_rate_by_reason": {"unsure": 0.978, "unfamiliar": 0.022}}}})
         versions = {"old": old.id, "partial": partial.id, "uncertified": uncertified.id}
 
     page = client.get("/models").get_data(as_text=True)
@@ -178,6 +180,9 @@ def test_models_page_states_the_promise_and_the_audit_estimate(
     assert ("Promise made at validation: not certified: error among unflagged images ≤ 5 % with 95 % confidence "
             "could not be shown (bound 6.3 % on 615 images)") in page
     assert "On held-out images: 25 % sent to review." in page
+    # A version that accepts nothing says so, not "0 % of those wrong (95 % bound 100 %)".
+    assert "On 767 held-out images: none accepted without review; 100 % sent to review (98 % unsure, 2.2 % unfamiliar)." in page
+    assert "0 % of those wrong" not in page
     assert page.count("No reviewed audit cases yet") == 4
     assert all(f'id="model-{version_id}"' in page for version_id in versions.values())
 
