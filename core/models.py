@@ -54,8 +54,10 @@ class ImageStatus(str, enum.Enum):
 
 
 class StudyStatus(str, enum.Enum):
-    """Life cycle of a study batch: queued until a worker starts, done when every image ended."""
+    """Life cycle of a study batch: receiving while its upload is being recorded (its first chunks may
+    already be classified), queued until a worker starts, done when every image ended."""
 
+    RECEIVING = "receiving"
     QUEUED = "queued"
     PROCESSING = "processing"
     DONE = "done"

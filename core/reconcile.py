@@ -9,7 +9,10 @@ Three cases, all found by one conditional UPDATE:
 * **The broker lost messages** (Redis restarted without persistence, a publish that failed): the
   images stay ``queued``. When the broker's queue is empty, images queued for longer than a lease
   are re-queued; in any case, images queued for longer than ``Settings.reconcile_after_s``.
-* Anything else that left an image behind ends in one of those two states.
+* **An upload stopped half-way** (the portal died while recording it): its study stays
+  ``receiving``; once no file was recorded for a lease, the study is ended with what it holds
+  (:func:`core.studies.finish_receiving`).
+* Anything else that left an image behind ends in one of those states.
 
 Every worker runs this at start-up and every half lease (:class:`Watchdog`), so no scheduler is
 needed, also in the embedded deployment; ``triage reconcile`` and the ``triage.reconcile`` beat task
@@ -23,17 +26,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from celery import Celery
 from kombu.exceptions import ChannelError
-from sqlalchemy import and_, false, or_, select, update
+from sqlalchemy import and_, false, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.db import Database
 from core.leases import owner_is_gone
-from core.models import Image, ImageStatus, utcnow
+from core.models import Image, ImageStatus, Study, StudyStatus, utcnow
 from core.queue import QUEUE_NAME, enqueue_images
+from core.studies import finish_receiving
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,7 @@ def reconcile(
             .returning(Image.study_id, Image.id)
             .execution_options(synchronize_session=False)
         ).all()
+        finish_interrupted_uploads(session, now - lease)
     by_study: dict[int, list[int]] = defaultdict(list)
     for study_id, image_id in sorted(rows):
         by_study[study_id].append(image_id)
@@ -97,6 +103,23 @@ def reconcile(
         enqueue_images(celery_app, study_id, image_ids, settings.chunk_size)
         log.warning("reconciler: re-enqueued %d image(s) of study %s that no task would finish", len(image_ids), study_id)
     return {study_id: len(ids) for study_id, ids in by_study.items()}
+
+
+def finish_interrupted_uploads(session: Session, quiet_since: datetime) -> list[int]:
+    """End the studies still ``receiving`` whose upload recorded nothing since ``quiet_since``; returns their ids.
+
+    The portal records a large upload a chunk at a time, a few seconds in all, so a study that
+    received nothing for a lease lost its portal process: it is ended with the files it holds.
+    """
+    latest_file = select(func.max(Image.created_at)).where(Image.study_id == Study.id).scalar_subquery()
+    stale = session.scalars(
+        select(Study.id).where(Study.status == StudyStatus.RECEIVING, Study.created_at < quiet_since,
+                               or_(latest_file.is_(None), latest_file < quiet_since))
+    ).all()
+    for study_id in stale:
+        finish_receiving(session, study_id)
+        log.warning("reconciler: the upload of study %s stopped half-way; the study keeps the files it received", study_id)
+    return list(stale)
 
 
 class Watchdog(threading.Thread):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -330,7 +330,16 @@ def fail_image(session: Session, image_id: int, message: str) -> None:
 
 
 def finish_study_if_complete(session: Session, study_id: int) -> bool:
-    """Mark the study done when every image is done or failed; returns whether it is done."""
+    """Mark the study done when every image is done or failed; returns whether it is done.
+
+    A study still receiving its upload is never done: more images are on their way
+    (:func:`finish_receiving` checks again when the last is recorded). The study's row is locked
+    first, so a worker finishing the last image and the portal finishing the upload cannot both
+    leave it undone (PostgreSQL; SQLite serialises writers anyway).
+    """
+    status = session.scalar(select(Study.status).where(Study.id == study_id).with_for_update())
+    if status == StudyStatus.RECEIVING:
+        return False
     remaining = session.scalar(
         select(func.count()).select_from(Image).where(Image.study_id == study_id, Image.status.not_in(TERMINAL))
     )
@@ -343,6 +352,22 @@ def finish_study_if_complete(session: Session, study_id: int) -> bool:
     )
     session.flush()
     return True
+
+
+def finish_receiving(session: Session, study_id: int) -> bool:
+    """End a study's upload: it becomes processing (a worker already started) or queued, or done at once.
+
+    Called by the portal after the upload's last image is recorded, and by the reconciler for an
+    upload that stopped half-way (the portal died). Returns whether the study is now done.
+    """
+    status = session.scalar(select(Study.status).where(Study.id == study_id).with_for_update())
+    if status == StudyStatus.RECEIVING:
+        started = session.scalar(select(exists().where(
+            Image.study_id == study_id, Image.status.in_([ImageStatus.PROCESSING, ImageStatus.DONE]))))
+        session.execute(update(Study).where(Study.id == study_id)
+                        .values(status=StudyStatus.PROCESSING if started else StudyStatus.QUEUED)
+                        .execution_options(synchronize_session=False))
+    return finish_study_if_complete(session, study_id)
 
 
 def study_counts(session: Session, study_id: int) -> dict[str, int]:

@@ -59,7 +59,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "name", "status", "created_at", "model_version", "counts", "suspected_fractures", "status_url",
                      "results_url", "page_url"],
         "properties": {
-            "id": INTEGER, "name": STRING, "status": {"type": "string", "enum": ["queued", "processing", "done"]},
+            "id": INTEGER, "name": STRING, "status": {"type": "string", "enum": ["receiving", "queued", "processing", "done"]},
             "created_at": STRING, "finished_at": _nullable(STRING), "rerun_of_id": _nullable(INTEGER),
             "model_version": _ref("ModelSummary"), "counts": _ref("Counts"),
             "suspected_fractures": _nullable({

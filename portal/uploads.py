@@ -3,8 +3,9 @@
 DICOM files are grouped into one study per StudyInstanceUID (:func:`core.dicom.group_files`); all
 other files of the upload make one study, as before. Every file goes through
 :func:`core.studies.add_upload`, which checks it, stores it by sha256 and records failures with a
-message. File and member names are display names only: they never reach the file system. Tasks are
-sent only after the commit that recorded the images.
+message. File and member names are display names only: they never reach the file system. A task is
+sent only after the commit that recorded its images, one chunk at a time while the upload is still
+being recorded, so workers start on a large upload at once.
 
 Files are read in blocks and refused as early as possible (:func:`read_file`): a file or zip member
 whose (declared) size is over ``TRIAGE_MAX_FILE_MB`` is not read at all, one whose first 64 KB
@@ -32,11 +33,11 @@ from werkzeug.datastructures import FileStorage
 
 from core import registry
 from core.config import Settings
-from core.models import Image, ImageStatus, ModelVersion, Study
+from core.models import Image, ImageStatus, ModelVersion, Study, StudyStatus
 from core.queue import enqueue_images
 from core.dicom import UploadGroup, group_files
 from core.imaging import content_problem
-from core.studies import add_refused_upload, add_upload, create_dicom_study, file_too_large, finish_study_if_complete
+from core.studies import add_refused_upload, add_upload, create_dicom_study, file_too_large, finish_receiving
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +260,18 @@ def submit_studies(
     model_version: ModelVersion,
     created_by_id: int | None = None,
 ) -> list[SubmittedStudy]:
-    """Record one study per DICOM study (and one for the other files), audited as uploads; commit; queue.
+    """Record one study per DICOM study (and one for the other files), audited as uploads, queuing as it goes.
 
     With several studies each name gets the study's modality, body part and date (or "other
     files"). The studies come back in the order their first file was sent. Files refused before
     they were read (:class:`RefusedFile`) are recorded as failed in the other files' study, or in
     the first study when every readable file is DICOM.
+
+    Workers start before the upload is recorded in full: each chunk of ``settings.chunk_size``
+    good images is committed and then queued while the next chunk is checked and stored. Until its
+    last file is recorded a study is ``receiving`` and cannot be finished
+    (:func:`core.studies.finish_receiving`). If the broker refuses a chunk, the rest is still
+    recorded and the upload answers 503 (the reconciler queues the images once the broker is back).
     """
     from portal.auth import record
 
@@ -275,31 +282,92 @@ def submit_studies(
         home = UploadGroup(None)
         groups.append(home)
     base = name.strip()
+    queue = _ChunkQueue(session, celery, settings.chunk_size)
     submitted: list[SubmittedStudy] = []
     for group in groups:
         study_name = base if len(groups) == 1 else f"{base or 'Upload'} ({group.describe()})"
         study = create_dicom_study(session, study_name, model_version, group, created_by_id=created_by_id)
-        images = [add_upload(session, settings, study, filename, data, meta, flush=False) for filename, data, meta in group.files]
-        if group is home:
-            images += [add_refused_upload(session, study, item.name, item.size_bytes, item.reason, flush=False)
-                       for item in refused]
-        session.flush()  # one multi-row INSERT for the whole group
-        queued = [image.id for image in images if image.status == ImageStatus.QUEUED]
-        record("upload", "study", study.id, {"files": len(images), "queued": len(queued), "studies_in_upload": len(groups)})
-        if not queued:  # every file was refused: no worker will ever finish this study, so finish it now
-            finish_study_if_complete(session, study.id)
-            session.refresh(study)
-        submitted.append(SubmittedStudy(study=study, images=images, tasks=0, queued_ids=queued))
-    session.commit()
-    for item in submitted:
+        study.status = StudyStatus.RECEIVING
+        item = SubmittedStudy(study=study, images=[], tasks=0, queued_ids=[])
         try:
-            item.tasks = enqueue_images(celery, item.study.id, item.queued_ids, settings.chunk_size)
-        except Exception as exc:  # kombu raises many types; the study is saved, the user must know
-            log.exception("study %s recorded but its %d images could not be queued", item.study.id, len(item.queued_ids))
-            raise UploadError(
-                f"Study #{item.study.id} was saved but its images could not be queued ({exc.__class__.__name__}): "
-                "nothing is lost: the reconciler queues them once the broker is back (or run `triage reconcile`).",
-                status=503,
-            ) from exc
-        log.info("study %s: %d files, %d queued in %d tasks", item.study.id, len(item.images), len(item.queued_ids), item.tasks)
+            for filename, data, meta in group.files:
+                image = add_upload(session, settings, study, filename, data, meta, flush=False)
+                item.images.append(image)
+                if image.status == ImageStatus.QUEUED:
+                    queue.add(item, image)
+            if group is home:
+                item.images += [add_refused_upload(session, study, refused_file.name, refused_file.size_bytes,
+                                                   refused_file.reason, flush=False) for refused_file in refused]
+            session.flush()
+            record("upload", "study", study.id, {"files": len(item.images), "queued": len(item.queued_ids),
+                                                 "studies_in_upload": len(groups)})
+            queue.send(item)  # commits the rest of the study, then queues its last chunk
+        except Exception:
+            _end_failed_upload(session, study.id, len(item.queued_ids))
+            raise
+        finish_receiving(session, study.id)  # done at once when every file was refused
+        session.commit()
+        session.refresh(study)
+        submitted.append(item)
+        log.info("study %s: %d files, %d queued in %d tasks", study.id, len(item.images), len(item.queued_ids), item.tasks)
+    if queue.broker_error is not None:
+        exc, study_id = queue.broker_error
+        raise UploadError(
+            f"Study #{study_id} was saved but its images could not be queued ({exc.__class__.__name__}): "
+            "nothing is lost: the reconciler queues them once the broker is back (or run `triage reconcile`).",
+            status=503,
+        ) from exc
     return submitted
+
+
+def _end_failed_upload(session: Session, study_id: int | None, committed: int) -> None:
+    """After an error half-way through an upload: end its study with the chunks already committed (if any).
+
+    Without committed images nothing of the study survives the rollback. When the database itself
+    failed, the reconciler ends the study later (:func:`core.reconcile.finish_interrupted_uploads`).
+    """
+    session.rollback()
+    if not committed or study_id is None:
+        return
+    try:
+        finish_receiving(session, study_id)
+        session.commit()
+        log.warning("study %s: the upload failed after %d images were recorded and queued; the study keeps them", study_id, committed)
+    except Exception:  # the database is what failed: leave the study to the reconciler
+        session.rollback()
+        log.exception("study %s: could not end the interrupted upload; the reconciler will", study_id)
+
+
+class _ChunkQueue:
+    """Sends a study's good images to the workers a chunk at a time, each after the commit that recorded it.
+
+    After the broker fails once, nothing more is sent in this upload (the images stay queued in
+    the database for the reconciler) and :attr:`broker_error` says why.
+    """
+
+    def __init__(self, session: Session, celery: Celery, chunk_size: int) -> None:
+        self.session, self.celery, self.chunk_size = session, celery, chunk_size
+        self.pending: list[Image] = []
+        #: The broker's error and the study whose images it refused, once it failed.
+        self.broker_error: tuple[Exception, int] | None = None
+
+    def add(self, item: SubmittedStudy, image: Image) -> None:
+        """Note a queued image of ``item``; a full chunk is committed and sent at once."""
+        self.pending.append(image)
+        if len(self.pending) >= self.chunk_size:
+            self.send(item)
+
+    def send(self, item: SubmittedStudy) -> None:
+        """Commit what ``item``'s study recorded so far, then queue its pending images as one task."""
+        self.session.flush()
+        ids = [image.id for image in self.pending]
+        self.pending = []
+        self.session.commit()
+        item.queued_ids += ids
+        if not ids or self.broker_error is not None:
+            return
+        try:
+            item.tasks += enqueue_images(self.celery, item.study.id, ids, self.chunk_size)
+        except Exception as exc:  # kombu raises many types; the images are saved, the user must know
+            log.exception("study %s: %d images recorded but not queued", item.study.id, len(ids))
+            self.broker_error = (exc, item.study.id)

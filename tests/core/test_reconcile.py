@@ -1,4 +1,4 @@
-"""Claims under a lease, the heartbeat that renews them, and the reconciler that re-queues lost work.
+"""Claims under a lease, the heartbeat that renews them, the reconciler that re-queues lost work, and uploads still arriving.
 
 In-process against a real SQLite database and a real Celery app on the filesystem broker; the
 "other" worker processes are real processes (one alive, one that has exited).
@@ -19,10 +19,10 @@ from sqlalchemy import select, update
 from core.config import Settings
 from core.db import Database
 from core.leases import LeaseHeartbeat, owner_is_gone, process_identity
-from core.models import Image, ImageStatus, ModelVersion, utcnow
+from core.models import Image, ImageStatus, ModelVersion, Study, StudyStatus, utcnow
 from core.queue import QUEUE_NAME, make_celery
 from core.reconcile import reconcile, waiting_messages
-from core.studies import add_upload, claim_images, create_study
+from core.studies import add_upload, claim_images, create_study, finish_receiving, finish_study_if_complete
 from tests.conftest import xray_sample
 from tests.e2e.conftest import wait_for
 
@@ -207,3 +207,58 @@ def test_reconciler_requeues_queued_images_when_the_broker_lost_their_messages(
     assert reconcile(db, settings, celery_app) == {study_id: 1}
     assert reconcile(db, settings, celery_app) == {}
     assert _messages(settings) == 1
+
+
+def _study_status(db: Database, study_id: int) -> StudyStatus:
+    with db.transaction() as session:
+        return session.get(Study, study_id).status
+
+
+def test_a_study_still_receiving_its_upload_is_not_finished_until_its_last_file_is_recorded(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    study_id, ids = _study(db, settings, xrays_dir, 2)
+    with db.transaction() as session:
+        session.get(Study, study_id).status = StudyStatus.RECEIVING
+    for image_id in ids:  # a worker classified everything recorded so far
+        _set(db, image_id, status=ImageStatus.DONE)
+    with db.transaction() as session:
+        assert finish_study_if_complete(session, study_id) is False  # more files are on their way
+    assert _study_status(db, study_id) == StudyStatus.RECEIVING
+    with db.transaction() as session:
+        assert finish_receiving(session, study_id) is True  # the portal recorded the last file
+    assert _study_status(db, study_id) == StudyStatus.DONE
+
+    # A worker already started: the finished upload says processing, not queued.
+    study_id, (started, waiting) = _study(db, settings, xrays_dir, 2)
+    with db.transaction() as session:
+        session.get(Study, study_id).status = StudyStatus.RECEIVING
+    _set(db, started, status=ImageStatus.DONE)
+    with db.transaction() as session:
+        assert finish_receiving(session, study_id) is False
+    assert _study_status(db, study_id) == StudyStatus.PROCESSING
+
+
+def test_reconciler_ends_an_upload_that_stopped_half_way_and_leaves_one_still_arriving(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    settings = settings.model_copy(update={"lease_s": 30})
+    celery_app = make_celery(settings, main="test")
+    long_ago = utcnow() - timedelta(seconds=120)
+    interrupted, (done, queued) = _study(db, settings, xrays_dir, 2)
+    arriving, (recent,) = _study(db, settings, xrays_dir, 1)
+    with db.transaction() as session:
+        for study_id in (interrupted, arriving):
+            study = session.get(Study, study_id)
+            study.status, study.created_at = StudyStatus.RECEIVING, long_ago
+    _set(db, done, status=ImageStatus.DONE, created_at=long_ago)
+    _set(db, queued, created_at=long_ago)  # recorded, then the portal died
+    # `arriving` recorded a file just now: its upload is alive.
+
+    reconcile(db, settings, celery_app)
+    assert _study_status(db, interrupted) == StudyStatus.PROCESSING  # a worker had started on it
+    assert _study_status(db, arriving) == StudyStatus.RECEIVING
+    _set(db, queued, status=ImageStatus.DONE)
+    with db.transaction() as session:
+        assert finish_study_if_complete(session, interrupted) is True
+    assert _rows(db, [recent])[recent].status == ImageStatus.QUEUED

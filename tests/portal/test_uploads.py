@@ -82,12 +82,15 @@ def test_upload_stores_good_images_fails_bad_ones_and_queues_one_task_per_chunk_
     truncated = next(iter(good.values()))[:200]
     bad = {"truncated.jpg": truncated, "notes.jpg": b"this is a text file, not a radiograph\n", "empty.jpg": b""}
     seen_at_publish: list[list[tuple[int, str]]] = []
+    study_at_publish: list[tuple[str, int]] = []  # the study's status and its images recorded so far
 
     def check_committed(sender: str, body: tuple, **_: object) -> None:
         study_id, image_ids = body[0]
         with db.transaction() as other:  # a separate connection sees only committed rows
             rows = other.execute(select(Image.id, Image.status).where(Image.id.in_(image_ids), Image.study_id == study_id))
             seen_at_publish.append([(row.id, row.status.value) for row in rows])
+            recorded = other.scalar(select(func.count()).select_from(Image).where(Image.study_id == study_id))
+            study_at_publish.append((other.get(Study, study_id).status.value, recorded))
 
     before_task_publish.connect(check_committed, weak=False)
     try:
@@ -128,6 +131,37 @@ def test_upload_stores_good_images_fails_bad_ones_and_queues_one_task_per_chunk_
     # When each task was published, its images were already committed (visible to another connection).
     assert len(seen_at_publish) == expected_chunks
     assert sorted(i for rows in seen_at_publish for i, status in rows if status == "queued") == queued_ids
+    # The first chunk went to the workers while the rest of the upload was still being recorded, and
+    # the study could not be finished meanwhile; once the last file was recorded it was queued.
+    assert study_at_publish[0] == ("receiving", settings.chunk_size) and settings.chunk_size < len(good)
+    assert body["status"] == "queued"
+
+
+def test_an_upload_that_fails_half_way_keeps_its_recorded_chunks_queued_and_its_study_ends(
+    client: FlaskClient, db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    sample = {path.name: path.read_bytes() for path in xray_sample(xrays_dir, 12)}
+    digests = {name: sha256_bytes(content) for name, content in sample.items()}
+    names = list(sample)
+    first_chunk = names[: settings.chunk_size]
+    # The storage fails on the file after the first chunk: its folder's name is taken by a file.
+    breaking = next(name for name in names[settings.chunk_size :]
+                    if digests[name][:2] not in {digests[other][:2] for other in first_chunk})
+    files = {name: sample[name] for name in first_chunk + [breaking]}
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    (settings.storage_dir / digests[breaking][:2]).write_bytes(b"in the way")
+
+    assert _post(client, "ward 9", files).status_code == 500
+
+    with db.transaction() as session:
+        study = session.scalars(select(Study).where(Study.name == "ward 9")).one()
+        images = list(session.scalars(select(Image).where(Image.study_id == study.id)))
+        # The first chunk was recorded and sent before the failure; the study is not left receiving.
+        assert study.status.value == "queued"
+        assert sorted(image.filename for image in images) == sorted(first_chunk)
+        assert all(image.status.value == "queued" for image in images)
+    messages = broker_messages(settings)
+    assert [sorted(m["args"][1]) for m in messages] == [sorted(image.id for image in images)]
 
 
 def test_zip_upload_records_members_by_display_name_and_skips_junk(
