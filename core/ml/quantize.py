@@ -124,6 +124,47 @@ def pad_size_nodes(model_path: Path) -> list[str]:
     return list(found)
 
 
+#: Operators that may stand between the network's input and its first convolution (TF-style padding).
+_STEM_PASSTHROUGH = ("Pad", "Identity", "Cast")
+
+
+def stem_nodes(model_path: Path) -> list[str]:
+    """Names of the first convolution and the nodes between it and the network's input (its padding).
+
+    The input is an 8-bit picture already, but not on a grid int8 can hold: mean = std = 0.5
+    puts its 256 grey levels half a step away from any integer zero point, so quantizing it moves
+    every pixel by up to half a level, and by the same amount wherever the grey is the same. The
+    stem's weights, with batch norm folded in, are large and see three identical channels, so that
+    error does not average out: on the recipe-cpu model the stem's output was off by 1.3 on values
+    averaging 2.2. The stem costs a few per cent of the network's operations; kept in float, label
+    agreement with fp32 rose from 97.7 to 99.2 % on held-out val and from 96.1 to 97.5 % on test
+    (bench/README.md).
+    """
+    import onnx
+
+    model = onnx.load(str(model_path))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs = [value.name for value in model.graph.input if value.name not in initializers]
+    path: list[str] = []
+    tensor = inputs[0] if len(inputs) == 1 else None
+    while tensor is not None:
+        following = [node for node in consumers.get(tensor, []) if node.op_type != "Shape"]  # shapes read no values
+        if len(following) != 1:
+            return []
+        node = following[0]
+        path.append(node.name)
+        if node.op_type == "Conv":
+            return path
+        if node.op_type not in _STEM_PASSTHROUGH:
+            return []
+        tensor = node.output[0]
+    return []
+
+
 #: Fewest calibration images fp32 finds familiar for the int8 runtime to get a rescaled reference.
 MIN_FAMILIAR_FOR_RESCALE = 32
 
@@ -202,7 +243,7 @@ def quantize_int8(
     quant_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        keep_float = pad_size_nodes(prepared)
+        keep_float = pad_size_nodes(prepared) + stem_nodes(prepared)
         for key in [(percentile, weights) for weights in weight_types for percentile in percentiles]:
             percentile, weights = key
             candidate = candidates[key] = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")

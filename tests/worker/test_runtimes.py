@@ -195,3 +195,33 @@ def test_pad_sizes_computed_from_shapes_are_kept_out_of_int8(tmp_path: Path) -> 
     found = set(pad_size_nodes(tmp_path / "m.onnx"))
     assert found == {"shape", "cast_f", "two", "div", "ceil", "sub", "sizes", "concat", "cast_i"}
     assert not found & {"pad", "relu"}  # the activations themselves are still quantized
+
+
+def test_the_stem_convolution_and_its_padding_are_kept_out_of_int8(tmp_path: Path) -> None:
+    """The input's grey levels do not sit on an int8 grid; the first convolution must see them exactly."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from core.ml.quantize import stem_nodes
+
+    weights = numpy_helper.from_array(np.ones((2, 3, 3, 3), dtype=np.float32), "w")
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads")
+    nodes = [
+        helper.make_node("Shape", ["input"], ["shape"], name="shape"),  # what TF-style padding sizes start from
+        helper.make_node("Pad", ["input", "pads"], ["padded"], name="stem_pad"),
+        helper.make_node("Conv", ["padded", "w"], ["stem"], name="stem_conv"),
+        helper.make_node("Relu", ["stem"], ["act"], name="act"),
+        helper.make_node("Conv", ["act", "w2"], ["output"], name="second_conv"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        initializer=[weights, pads, numpy_helper.from_array(np.ones((2, 2, 1, 1), dtype=np.float32), "w2")],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    assert stem_nodes(tmp_path / "m.onnx") == ["stem_pad", "stem_conv"]
+
+    # An input that feeds more than one node has no single stem: nothing is kept out.
+    graph.node.append(helper.make_node("Relu", ["input"], ["side"], name="side"))
+    onnx.save(helper.make_model(graph), tmp_path / "branch.onnx")
+    assert stem_nodes(tmp_path / "branch.onnx") == []
