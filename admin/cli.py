@@ -2,7 +2,7 @@
 
     triage db upgrade
     triage model register --weights W --arch A --labels a,b,c [--threshold T] [--promote]
-    triage model list | triage model promote ID | triage model quantize ID --calibration DIR [--min-agreement 0.99]
+    triage model list | triage model promote ID | triage model quantize ID --calibration DIR [--min-agreement 0.99] [--min-speedup 1]
     triage reconcile [--older-than SECONDS]
     triage demo [--host H] [--port P]
     triage user create NAME --role admin|reviewer|uploader [--password-stdin]
@@ -117,17 +117,19 @@ def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     with Database(settings).transaction() as session:
         spec = registry.ModelSpec.from_version(registry.get_version(session, args.version_id))
     images = calibration_images(Path(args.calibration), args.count)
-    build = quantize_int8(settings, spec, images, min_agreement=args.min_agreement)
-    tried = ", ".join(f"{percentile}/{weights}: {agreement:.1%}" for (percentile, weights), agreement in build.tried.items())
+    build = quantize_int8(settings, spec, images, min_agreement=args.min_agreement, min_speedup=args.min_speedup)
+    tried = ", ".join(f"{percentile}/{weights}: {agreement:.1%} at {build.speedups[(percentile, weights)]:.2f}x"
+                      for (percentile, weights), agreement in build.tried.items())
     print(f"int8 runtime for model version #{spec.version_id}: labels agree with fp32 on {build.agreement:.1%} of "
-          f"{build.held_out} held-out images (activation percentile {build.percentile}, {build.weights} weights; tried {tried})")
+          f"{build.held_out} held-out images, {build.speedup:.2f}x fp32's speed (activation percentile {build.percentile}, "
+          f"{build.weights} weights; tried {tried})")
     if build.unflagged:
         print(f"of the {build.unflagged} held-out images fp32 would not flag for review, int8 gives the same label "
               f"without a flag on {build.unflagged_kept} ({build.unflagged_kept / build.unflagged:.1%})")
     if not build.installed:
-        print(f"error: int8 agreement {build.agreement:.1%} is below --min-agreement {args.min_agreement:.1%}: the int8 "
-              f"runtime was not installed; serve version #{spec.version_id} with TRIAGE_RUNTIME=onnx (fp32), or pass "
-              "--min-agreement 0 to install it anyway", file=sys.stderr)
+        print(f"error: the int8 runtime was not installed: {build.refused_because} (--min-agreement "
+              f"{args.min_agreement:.1%}, --min-speedup {args.min_speedup:g}); serve version #{spec.version_id} with "
+              "TRIAGE_RUNTIME=onnx (fp32), or lower those options to install it anyway", file=sys.stderr)
         return 2
     rescaled = "; its unfamiliar-image reference rescaled on its own features" if build.rescaled_reference else ""
     print(f"installed at {build.path}{rescaled}; use it with TRIAGE_RUNTIME=onnx-int8")
@@ -239,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("--count", type=int, default=256, help="images to use: half calibrate, half check agreement with fp32")
     qnt.add_argument("--min-agreement", type=float, default=0.99,
                      help="refuse to install the int8 runtime when its labels agree with fp32 on fewer held-out images (0-1)")
+    qnt.add_argument("--min-speedup", type=float, default=1.0,
+                     help="choose only int8 candidates at least this many times as fast as fp32 on the held-out images, timed here")
     qnt.set_defaults(func=cmd_model_quantize)
 
     demo = sub.add_parser("demo", help="run portal + worker on the embedded default (SQLite, no broker server)")

@@ -30,14 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", type=int, required=True)
     parser.add_argument("--calibration-count", type=int, default=256, help="val images: half calibrate, half pick the percentile")
+    parser.add_argument("--min-speedup", type=float, default=1.0, help="as `triage model quantize --min-speedup`")
     args = parser.parse_args(argv)
     print(f"machine: {machine_line()}; commit {git_revision()}")
     settings = get_settings()
     with Database(settings).transaction() as session:
         spec = registry.ModelSpec.from_version(registry.get_version(session, args.version))
-    build = quantize_int8(settings, spec, calibration_images(SHARED_XRAYS / "val", args.calibration_count))
+    build = quantize_int8(settings, spec, calibration_images(SHARED_XRAYS / "val", args.calibration_count), min_speedup=args.min_speedup)
+    if not build.installed:
+        raise SystemExit(f"no int8 runtime installed: {build.refused_because}")
     print(f"quantized: activation percentile {build.percentile}, {build.weights} weights chosen on {build.held_out} held-out val images "
-          f"(label agreement there: {', '.join(f'{p}/{w}: {a:.1%}' for (p, w), a in build.tried.items())}); of the {build.unflagged} "
+          f"(label agreement there, speed-up over fp32: "
+          f"{', '.join(f'{p}/{w}: {a:.1%} {build.speedups[(p, w)]:.2f}x' for (p, w), a in build.tried.items())}); of the {build.unflagged} "
           f"held-out images fp32 leaves unflagged (threshold {spec.threshold:.3f}), int8 keeps {build.unflagged_kept} with the same label and no flag")
     fp32 = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
     int8 = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))

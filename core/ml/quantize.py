@@ -11,8 +11,9 @@ The version's unfamiliar-image reference is rescaled on the int8 model's own fea
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ class Int8Build:
     unflagged_kept: int = 0
     #: whether the unfamiliar-image reference was rescaled on the int8 model's own features (:func:`runtime_reference`)
     rescaled_reference: bool = False
+    #: fp32's time over each candidate's on the held-out images (> 1: int8 is faster), per (percentile, weight type)
+    speedups: dict[tuple[float, str], float] = field(default_factory=dict)
+    #: why nothing was installed ("" when it was)
+    refused_because: str = ""
+
+    @property
+    def speedup(self) -> float:
+        """The chosen candidate's speed-up over fp32 on the held-out images (0 when not measured)."""
+        return self.speedups.get((self.percentile, self.weights), 0.0)
 
 
 def _outputs(session: Any, batch: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +198,7 @@ def runtime_reference(
 def quantize_int8(
     settings: Settings, spec: ModelSpec, images: Sequence[Image.Image], batch_size: int = 8,
     percentiles: Sequence[float] = CANDIDATE_PERCENTILES, min_agreement: float = 0.0,
-    weight_types: Sequence[str] = WEIGHT_TYPES,
+    weight_types: Sequence[str] = WEIGHT_TYPES, min_speedup: float = 1.0,
 ) -> Int8Build:
     """Build the int8 (QDQ, per-channel, static) ONNX model of ``spec`` and measure it against fp32.
 
@@ -197,7 +207,9 @@ def quantize_int8(
     and its labels compared with the fp32 model's on the held-out images; the one that keeps most
     of the images fp32 accepts without review accepted with the same label (then: agrees most) is
     installed, unless its agreement is below ``min_agreement`` (then no int8 runtime is written,
-    and an older one of the same version is removed). The right percentile depends on the model:
+    and an older one of the same version is removed). Only candidates at least ``min_speedup``
+    times as fast as fp32 on the held-out images (timed on this machine) can be chosen: ONNX
+    Runtime's kernels for unsigned int8 weights, for one, ran slower than fp32 here (bench/README.md). The right percentile depends on the model:
     on a briefly trained tf_efficientnetv2_s, 99.9 to 99.999 moved test agreement from 90 % to 80 %
     (bench/README.md). Each candidate repeats the calibration pass: an offline command, so the
     simple public ONNX Runtime API is preferred to sharing one histogram between candidates.
@@ -229,7 +241,9 @@ def quantize_int8(
     fp32 = ensure_fp32(settings, spec)
     unfamiliar_reference = load_reference(spec_reference_file(spec, settings))
     fp32_session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    clock = time.perf_counter()
     fp32_logits, fp32_features = _outputs(fp32_session, held_out)
+    fp32_seconds = time.perf_counter() - clock
     reference = fp32_logits.argmax(1)
     calibration_features = None if unfamiliar_reference is None else _outputs(fp32_session, calibration)[1]
     unflagged = _accepted(fp32_logits, fp32_features, spec, unfamiliar_reference)
@@ -238,6 +252,7 @@ def quantize_int8(
     prepared = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
     candidates: dict[tuple[float, str], Path] = {}
     tried: dict[tuple[float, str], float] = {}
+    speedups: dict[tuple[float, str], float] = {}
     references: dict[tuple[float, str], UnfamiliarReference] = {}
     reference_target = int8_reference_path(target)
     quant_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
@@ -258,17 +273,26 @@ def quantize_int8(
                 rescaled = runtime_reference(unfamiliar_reference, calibration_features, _outputs(session, calibration)[1])
                 if rescaled is not None:
                     references[key] = rescaled
+            clock = time.perf_counter()
             logits, features = _outputs(session, held_out)
+            speedups[key] = fp32_seconds / max(time.perf_counter() - clock, 1e-9)
             tried[key] = float((logits.argmax(1) == reference).mean())
             kept[key] = int((unflagged & (logits.argmax(1) == reference) & _accepted(logits, features, spec, references.get(key, unfamiliar_reference))).sum())
-            log.info("int8 candidate of version %s, percentile %s, %s weights: label agreement %.2f%% on %d held-out images",
-                     spec.version_id, percentile, weights, 100 * tried[key], len(held_out))
+            log.info("int8 candidate of version %s, percentile %s, %s weights: label agreement %.2f%% on %d held-out images, "
+                     "%.2fx fp32's speed", spec.version_id, percentile, weights, 100 * tried[key], len(held_out), speedups[key])
         # What matters for triage first: the images fp32 accepts without review keep their label and
         # stay accepted; then agreement on all held-out images; remaining ties go to signed weights
         # (faster) and the highest percentile (least clipping, ONNX Runtime's default behaviour).
+        # A candidate slower than asked is never chosen while a fast enough one exists.
         order = sorted(tried, key=lambda k: (k[1] != weight_types[0], -k[0]))
-        best = max(order, key=lambda k: (kept[k], tried[k]))
-        installed = tried[best] >= min_agreement
+        best = max(order, key=lambda k: (speedups[k] >= min_speedup, kept[k], tried[k]))
+        refused_because = ""
+        if speedups[best] < min_speedup:
+            refused_because = (f"no candidate is {min_speedup:g}x as fast as fp32 on this machine "
+                               f"(the best reached {max(speedups.values()):.2f}x)")
+        elif tried[best] < min_agreement:
+            refused_because = f"its label agreement {tried[best]:.1%} is below {min_agreement:.1%}"
+        installed = not refused_because
         if installed:
             if best in references:
                 with atomic_target(reference_target, prefix=BUILDING_PREFIX, suffix=".safetensors") as tmp:
@@ -284,6 +308,6 @@ def quantize_int8(
         for leftover in candidates.values():
             leftover.unlink(missing_ok=True)
     log.info("int8 runtime of version %s: percentile %s, %s weights, %d calibration images, %s", spec.version_id, *best,
-             len(calibration), "installed" if installed else f"not installed (agreement below {min_agreement:.1%})")
+             len(calibration), "installed" if installed else f"not installed: {refused_because}")
     return Int8Build(target, best[0], best[1], tried[best], len(held_out), tried, installed, int(unflagged.sum()), kept[best],
-                     rescaled_reference=best in references)
+                     rescaled_reference=best in references, speedups=speedups, refused_because=refused_because)

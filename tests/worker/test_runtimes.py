@@ -73,7 +73,7 @@ def test_int8_runtime_is_built_by_the_cli_and_then_served(
 
     result = subprocess.run(
         [sys.executable, "-m", "admin.cli", "model", "quantize", str(production_model), "--calibration", str(xrays_dir / "val"),
-         "--count", "16", "--min-agreement", "0"],
+         "--count", "16", "--min-agreement", "0", "--min-speedup", "0"],
         env=settings_env(settings), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
@@ -114,7 +114,8 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
 
     spec = _spec(db, production_model)
     images = calibration_images(xrays_dir / "val", 24)
-    build = quantize_int8(settings, spec, images, percentiles=(99.0, 99.999))
+    # Speed is not what this test is about (tiny models can be slower in int8): min_speedup=0.
+    build = quantize_int8(settings, spec, images, percentiles=(99.0, 99.999), min_speedup=0.0)
     assert build.installed and build.path == runtime_path(settings, spec, "onnx-int8") and build.path.exists()
     assert set(build.tried) == {(p, w) for p in (99.0, 99.999) for w in ("int8", "uint8")}
     assert build.agreement == build.tried[(build.percentile, build.weights)]
@@ -132,12 +133,19 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
     import dataclasses
 
     unflagging = quantize_int8(settings, dataclasses.replace(spec, threshold=0.0), images, percentiles=(build.percentile,),
-                               weight_types=(build.weights,))
+                               weight_types=(build.weights,), min_speedup=0.0)
     assert unflagging.unflagged == 12 and unflagging.unflagged_kept == round(build.agreement * 12)
 
     # Asking for more agreement than any candidate reached installs nothing and removes the old one.
-    refused = quantize_int8(settings, spec, images, percentiles=(99.999,), min_agreement=1.01)
+    refused = quantize_int8(settings, spec, images, percentiles=(99.999,), min_agreement=1.01, min_speedup=0.0)
     assert not refused.installed and not runtime_path(settings, spec, "onnx-int8").exists()
+    assert "below 101.0%" in refused.refused_because
+
+    # A candidate must also be as fast as asked, timed against fp32 on the same held-out images.
+    assert set(build.speedups) == set(build.tried) and all(speedup > 0 for speedup in build.speedups.values())
+    slow = quantize_int8(settings, spec, images, percentiles=(99.999,), weight_types=("int8",), min_speedup=1e6)
+    assert not slow.installed and not runtime_path(settings, spec, "onnx-int8").exists()
+    assert slow.refused_because.startswith("no candidate is 1e+06x as fast as fp32")
     int8_settings = settings.model_copy(update={"runtime": "onnx-int8"})
     try:
         load_predictor(spec, int8_settings)
