@@ -55,7 +55,7 @@ class ContentStore:
         """Store ``data``; return ``(sha256, key)``. Idempotent."""
         digest = sha256_bytes(data)
         key = self.key_for(digest)
-        target = self.path_for_key(key)
+        target = self.root / key  # a checked hex digest cannot leave the store: no need to resolve the path
         if not target.exists():
             atomic_write_bytes(target, data)
         return digest, key
