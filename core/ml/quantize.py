@@ -24,7 +24,9 @@ from PIL import Image
 from core.config import Settings
 from core.files import atomic_target, sibling_temp_path
 from core.imaging import ImageDecodeError, decode_image
-from core.ml.onnx_runtime import BUILDING_PREFIX, RuntimeUnavailable, ensure_fp32, int8_reference_path, runtime_path
+from core.ml.onnx_runtime import (
+    BUILDING_PREFIX, RuntimeUnavailable, ensure_fp32, inference_session, int8_reference_path, runtime_path,
+)
 from core.ml.predict import load_reference, probabilities_from_logits, spec_reference_file
 from core.ml.transforms import build_transform
 from core.ml.unfamiliar import UnfamiliarReference
@@ -217,7 +219,6 @@ def quantize_int8(
     Raises:
         RuntimeUnavailable: fewer than two images (nothing to hold out).
     """
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -240,7 +241,7 @@ def quantize_int8(
 
     fp32 = ensure_fp32(settings, spec)
     unfamiliar_reference = load_reference(spec_reference_file(spec, settings))
-    fp32_session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    fp32_session = inference_session(fp32)
     clock = time.perf_counter()
     fp32_logits, fp32_features = _outputs(fp32_session, held_out)
     fp32_seconds = time.perf_counter() - clock
@@ -268,7 +269,7 @@ def quantize_int8(
                 calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": percentile},
                 nodes_to_exclude=keep_float,
             )
-            session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+            session = inference_session(candidate)
             if unfamiliar_reference is not None:
                 rescaled = runtime_reference(unfamiliar_reference, calibration_features, _outputs(session, calibration)[1])
                 if rescaled is not None:
