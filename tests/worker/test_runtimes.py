@@ -242,6 +242,7 @@ def test_a_convolution_kept_in_float_stays_float_in_the_served_session(tmp_path:
     folding makes them) is kept in float between quantized neighbours. The served session must
     compute what the QDQ graph says (ONNX Runtime with every rewrite off), not erase the small channels.
     """
+    import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -264,7 +265,7 @@ def test_a_convolution_kept_in_float_stays_float_in_the_served_session(tmp_path:
     fp32_file, int8_file = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(fp32_file), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    depthwise = [node.name for node in __import__("onnx").load(str(fp32_file)).graph.node if "depthwise" in node.name]
+    depthwise = [node.name for node in onnx.load(str(fp32_file)).graph.node if "depthwise" in node.name]
     assert len(depthwise) == 1
     inputs = np.random.default_rng(0).random((16, 3, 16, 16), dtype=np.float32)
 
