@@ -123,6 +123,8 @@ def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     print(f"int8 runtime for model version #{spec.version_id}: labels agree with fp32 on {build.agreement:.1%} of "
           f"{build.held_out} held-out images, {build.speedup:.2f}x fp32's speed (activation percentile {build.percentile}, "
           f"{build.weights} weights; tried {tried})")
+    if build.float_prefix:
+        print(f"kept in float: the first layers, up to {build.float_prefix[-1]} (it amplified int8 rounding too much)")
     if build.unflagged:
         print(f"of the {build.unflagged} held-out images fp32 would not flag for review, int8 gives the same label "
               f"without a flag on {build.unflagged_kept} ({build.unflagged_kept / build.unflagged:.1%})")

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(label agreement there, speed-up over fp32: "
           f"{', '.join(f'{p}/{w}: {a:.1%} {build.speedups[(p, w)]:.2f}x' for (p, w), a in build.tried.items())}); of the {build.unflagged} "
           f"held-out images fp32 leaves unflagged (threshold {spec.threshold:.3f}), int8 keeps {build.unflagged_kept} with the same label and no flag")
+    print(f"kept in float: {'the first layers, up to ' + build.float_prefix[-1] if build.float_prefix else 'the stem only'}")
     fp32 = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
     int8 = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))
     files = sorted((SHARED_XRAYS / "test").glob("*/*.jpg"))

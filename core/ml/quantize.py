@@ -90,6 +90,8 @@ class Int8Build:
     speedups: dict[tuple[float, str], float] = field(default_factory=dict)
     #: why nothing was installed ("" when it was)
     refused_because: str = ""
+    #: nodes kept in float because an early convolution amplifies int8 rounding too much (:func:`float_prefix`)
+    float_prefix: tuple[str, ...] = ()
 
     @property
     def speedup(self) -> float:
@@ -189,6 +191,89 @@ def stem_nodes(model_path: Path) -> list[str]:
     return []
 
 
+#: Noise gain above which an early convolution is kept in float, with the layers before it (:func:`float_prefix`).
+MAX_NOISE_GAIN = 6.0
+
+
+def noise_gains(qdq_model_path: Path) -> dict[str, float]:
+    """How much each quantized convolution amplifies its input's int8 rounding, in its own output steps.
+
+    For output channel ``c`` with weights ``w_c``, rounding the input to steps of ``s_in`` adds
+    noise whose size in the output is about ``s_in * |w_c|`` (uniform rounding noise, summed over
+    the taps), while the output itself is rounded to steps of ``s_out``. Their ratio, as a root
+    mean square over the channels, is the gain: near 1 both roundings cost alike; far above it, the
+    input's rounding swamps the output. Batch-norm folding gives some early convolutions of
+    EfficientNet-Lite large weights that then feed a narrow ReLU6 window: on the recipe model the
+    first depthwise convolution and the first expansion of stage 1 had gains of 10, the next
+    highest 4 (bench/README.md). Keeping such a convolution in float helps only when its input is
+    exact as well (:func:`float_prefix`). Only convolutions with quantized input, weights and output count.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(qdq_model_path))
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    gains: dict[str, float] = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        source, weight = producers.get(node.input[0]), producers.get(node.input[1])
+        output = [reader for reader in readers.get(node.output[0], []) if reader.op_type == "QuantizeLinear"]
+        if not (source and weight and output and source.op_type == weight.op_type == "DequantizeLinear"
+                and weight.input[0] in constants and source.input[1] in constants and output[0].input[1] in constants):
+            continue
+        levels = constants[weight.input[0]].astype(np.float64)
+        scales = np.asarray(constants[weight.input[1]], dtype=np.float64).reshape(-1, *[1] * (levels.ndim - 1))
+        norms = np.sqrt(((levels * scales) ** 2).reshape(len(levels), -1).sum(axis=1))
+        gain = float(constants[source.input[1]]) * norms / float(constants[output[0].input[1]])
+        gains[node.name] = float(np.sqrt(np.mean(gain**2)))
+    return gains
+
+
+#: Share of the network's convolutions (from the input) within which a high-gain one pulls the layers before it into float.
+FLOAT_PREFIX_REACH = 0.25
+
+
+def float_prefix(qdq_model_path: Path, float_model_path: Path, max_gain: float = MAX_NOISE_GAIN,
+                 reach: float = FLOAT_PREFIX_REACH) -> list[str]:
+    """The first layers of the network to keep in float, up to its last early high-gain convolution.
+
+    Among the first ``reach`` of the convolutions (graph order), the last whose :func:`noise_gains`
+    on the fully quantized ``qdq_model_path`` exceed ``max_gain`` is kept in float with every node
+    it depends on in ``float_model_path``: a convolution left in float still reads a rounded input
+    when the layer before it is quantized, so the whole chain from the input must stay float for it
+    to see exact values. Later layers are left alone, whatever their gain: keeping them would cost
+    most of int8's speed. On the recipe model this kept the first block and the first expansion of
+    stage 1 (6 of 63 convolutions) and raised the logits' signal-to-noise ratio against fp32 from
+    18 to 28 dB on held-out images (bench/README.md). Empty when no early convolution is loud.
+    """
+    import onnx
+
+    gains = noise_gains(qdq_model_path)
+    model = onnx.load(str(float_model_path))
+    convolutions = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    early = convolutions[: max(1, int(len(convolutions) * reach))]
+    loud = [name for name in early if gains.get(name, 0.0) > max_gain]
+    if not loud:
+        return []
+    producers = {output: node for node in model.graph.node for output in node.output}
+    nodes = {node.name: node for node in model.graph.node}
+    kept: dict[str, None] = {}
+    pending = [nodes[loud[-1]]]
+    while pending:
+        node = pending.pop()
+        if node.name in kept:
+            continue
+        kept[node.name] = None
+        pending.extend(producers[name] for name in node.input if name in producers)
+    return [node.name for node in model.graph.node if node.name in kept]
+
+
 #: Fewest calibration images fp32 finds familiar for the int8 runtime to get a rescaled reference.
 MIN_FAMILIAR_FOR_RESCALE = 32
 
@@ -227,6 +312,8 @@ def quantize_int8(
     on a briefly trained tf_efficientnetv2_s, 99.9 to 99.999 moved test agreement from 90 % to 80 %
     (bench/README.md). Each candidate repeats the calibration pass: an offline command, so the
     simple public ONNX Runtime API is preferred to sharing one histogram between candidates.
+    The stem, TF-style pad sizes and the network's first layers up to an early convolution that
+    amplifies int8 rounding too much (:func:`float_prefix`, found on a first candidate) stay in float.
 
     Raises:
         RuntimeUnavailable: fewer than two images (nothing to hold out).
@@ -267,18 +354,29 @@ def quantize_int8(
     references: dict[tuple[float, str], UnfamiliarReference] = {}
     reference_target = int8_reference_path(target)
     quant_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    keys = [(percentile, weights) for weights in weight_types for percentile in percentiles]
+
+    def build(key: tuple[float, str], keep_float: list[str]) -> Path:
+        candidate = candidates[key] = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
+        quantize_static(
+            str(prepared), str(candidate), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            weight_type=quant_types[key[1]], activation_type=QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": key[0]},
+            nodes_to_exclude=keep_float,
+        )
+        return candidate
+
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         keep_float = pad_size_nodes(prepared) + stem_nodes(prepared)
-        for key in [(percentile, weights) for weights in weight_types for percentile in percentiles]:
+        # The first candidate shows which early convolutions amplify int8 rounding too much.
+        prefix = [name for name in float_prefix(build(keys[0], keep_float), prepared) if name not in keep_float]
+        if prefix:
+            candidates.pop(keys[0]).unlink(missing_ok=True)
+            keep_float += prefix
+        for key in keys:
             percentile, weights = key
-            candidate = candidates[key] = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
-            quantize_static(
-                str(prepared), str(candidate), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                weight_type=quant_types[weights], activation_type=QuantType.QUInt8,
-                calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": percentile},
-                nodes_to_exclude=keep_float,
-            )
+            candidate = candidates.get(key) or build(key, keep_float)
             session = inference_session(candidate)
             if unfamiliar_reference is not None:
                 rescaled = runtime_reference(unfamiliar_reference, calibration_features, _outputs(session, calibration)[1])
@@ -317,7 +415,8 @@ def quantize_int8(
         prepared.unlink(missing_ok=True)
         for leftover in candidates.values():
             leftover.unlink(missing_ok=True)
-    log.info("int8 runtime of version %s: percentile %s, %s weights, %d calibration images, %s", spec.version_id, *best,
-             len(calibration), "installed" if installed else f"not installed: {refused_because}")
+    log.info("int8 runtime of version %s: percentile %s, %s weights, %d calibration images, %d early nodes in float, %s",
+             spec.version_id, *best, len(calibration), len(prefix), "installed" if installed else f"not installed: {refused_because}")
     return Int8Build(target, best[0], best[1], tried[best], len(held_out), tried, installed, int(unflagged.sum()), kept[best],
-                     rescaled_reference=best in references, speedups=speedups, refused_because=refused_because)
+                     rescaled_reference=best in references, speedups=speedups, refused_because=refused_because,
+                     float_prefix=tuple(prefix))

@@ -289,3 +289,79 @@ def test_a_convolution_kept_in_float_stays_float_in_the_served_session(tmp_path:
     # The served session computes that graph (identical here; fused integer kernels may round apart).
     # Re-quantizing the float depthwise weights per tensor put it 0.22 % of the scale away.
     assert float(np.abs(served - qdq).max()) < 0.0005 * scale
+
+
+def test_an_early_convolution_that_amplifies_int8_rounding_is_kept_in_float_with_the_layers_before_it(tmp_path: Path) -> None:
+    """Large weights feeding a narrow ReLU6 window turn the rounding of their input into big errors.
+
+    Such a convolution's noise gain (input step times weight norm, over output step) stands out;
+    kept in float together with what feeds it (so its input is exact, not only its weights), the
+    int8 model is much closer to fp32 than quantized throughout.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from core.ml.onnx_runtime import inference_session
+    from core.ml.quantize import MAX_NOISE_GAIN, float_prefix, noise_gains
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = torch.nn.Conv2d(3, 8, 1)
+            self.loud = torch.nn.Conv2d(8, 8, 1)
+            self.last = torch.nn.Conv2d(8, 4, 1)
+            self.late = torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = torch.nn.functional.relu6(self.first(x))
+            return self.late(torch.relu(self.last(torch.nn.functional.relu6(self.loud(hidden))))).flatten(1)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        # Correlated hidden channels (a shared part and a small own part each) read by large weights that
+        # sum to zero, as batch-norm folding makes them where a channel varies little: the output stays
+        # in ReLU6's window while the input's independent rounding errors add up.
+        net.first.weight.copy_(1 / 3 + 0.05 * torch.randn(8, 3, 1, 1))
+        net.first.bias.zero_()
+        zero_sum = torch.randn(8, 8)
+        net.loud.weight.copy_(40 * (zero_sum - zero_sum.mean(dim=1, keepdim=True)).view(8, 8, 1, 1))
+        net.loud.bias.fill_(3.0)
+    fp32_file = tmp_path / "fp32.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(fp32_file), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    inputs = np.random.default_rng(0).random((16, 3, 16, 16), dtype=np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([inputs[i : i + 4] for i in range(0, len(inputs), 4)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"input": batch}
+
+    def quantized(name: str, keep_float: list[str]) -> Path:
+        path = tmp_path / name
+        quantize_static(str(fp32_file), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=keep_float)
+        return path
+
+    everything = quantized("all.onnx", [])
+    gains = noise_gains(everything)
+    assert set(gains) == {"/first/Conv", "/loud/Conv", "/last/Conv", "/late/Conv"}
+    assert gains["/loud/Conv"] > MAX_NOISE_GAIN > max(gain for name, gain in gains.items() if name != "/loud/Conv")
+
+    prefix = float_prefix(everything, fp32_file, reach=0.5)
+    assert {"/first/Conv", "/loud/Conv"} <= set(prefix) and not {"/last/Conv", "/late/Conv"} & set(prefix)
+    kinds = {node.name: node.op_type for node in onnx.load(str(fp32_file)).graph.node}
+    assert {kinds[name] for name in prefix} == {"Conv", "Clip", "Constant"}  # what feeds it (ReLU6 and its bounds), not what follows
+    # Beyond its reach (here: the first convolution only), a loud convolution is left quantized.
+    assert float_prefix(everything, fp32_file, reach=0.25) == []
+
+    def error(path: Path) -> float:
+        run = lambda f: inference_session(f).run(["logits"], {"input": inputs})[0]  # noqa: E731  (as the worker serves it)
+        return float(np.sqrt(np.mean((run(path) - run(fp32_file)) ** 2)))
+
+    quantized_error, prefix_error, alone_error = error(everything), error(quantized("prefix.onnx", prefix)), error(quantized("alone.onnx", ["/loud/Conv"]))
+    assert prefix_error < 0.5 * quantized_error
+    assert prefix_error < alone_error  # in float but reading a rounded input, it keeps most of the error
