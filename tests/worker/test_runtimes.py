@@ -365,3 +365,58 @@ def test_an_early_convolution_that_amplifies_int8_rounding_is_kept_in_float_with
     quantized_error, prefix_error, alone_error = error(everything), error(quantized("prefix.onnx", prefix)), error(quantized("alone.onnx", ["/loud/Conv"]))
     assert prefix_error < 0.5 * quantized_error
     assert prefix_error < alone_error  # in float but reading a rounded input, it keeps most of the error
+
+
+def test_the_features_are_gathered_in_float_so_small_layers_keep_their_resolution(tmp_path: Path) -> None:
+    """The feature vector puts layers of very different sizes side by side; one int8 scale for all crushes the small ones."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from core.ml.onnx_runtime import inference_session
+    from core.ml.quantize import feature_only_nodes
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.early = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.late = torch.nn.Conv2d(8, 16, 3, padding=1)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            early = torch.relu(self.early(x))
+            penultimate = torch.relu(self.late(early)).mean(dim=(2, 3))
+            return self.head(penultimate), torch.cat([early.mean(dim=(2, 3)), penultimate], dim=1)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():  # an early stage whose channel means are a hundredth of the penultimate features'
+        net.early.weight.mul_(0.01)
+        net.early.bias.mul_(0.01)
+        net.late.weight.mul_(100.0)
+    fp32_file = tmp_path / "fp32.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(fp32_file), input_names=["input"], output_names=["logits", "features"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}}, opset_version=17, dynamo=False)
+    kinds = {node.name: node.op_type for node in onnx.load(str(fp32_file)).graph.node}
+    gathering = feature_only_nodes(fp32_file)
+    assert {kinds[name] for name in gathering} == {"ReduceMean", "Concat"}  # the early means and the concatenation
+    assert not any(kinds[name] in ("Conv", "Gemm") for name in gathering)  # nothing the logits need
+    inputs = np.random.default_rng(0).random((16, 3, 16, 16), dtype=np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([inputs[i : i + 4] for i in range(0, len(inputs), 4)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"input": batch}
+
+    def early_error(name: str, keep_float: list[str]) -> float:
+        path = tmp_path / name
+        quantize_static(str(fp32_file), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=keep_float)
+        run = lambda f: inference_session(f).run(["features"], {"input": inputs})[0][:, :8]  # noqa: E731
+        reference = run(fp32_file)
+        return float(np.sqrt(np.mean((run(path) - reference) ** 2)) / np.sqrt(np.mean(reference**2)))
+
+    quantized, gathered_in_float = early_error("all.onnx", []), early_error("gathered.onnx", gathering)
+    assert gathered_in_float < 0.05 < quantized
