@@ -204,21 +204,22 @@ def feature_only_nodes(model_path: Path, features: str = "features", logits: str
     import onnx
 
     model = onnx.load(str(model_path))
-    producers = {output: node for node in model.graph.node for output in node.output}
-
-    def ancestors(tensor: str) -> set[str]:
-        found: set[str] = set()
-        pending = [tensor]
-        while pending:
-            node = producers.get(pending.pop())
-            if node is None or node.name in found:
-                continue
-            found.add(node.name)
-            pending.extend(name for name in node.input if name)
-        return found
-
-    only = ancestors(features) - ancestors(logits)
+    only = _upstream_nodes(model, features) - _upstream_nodes(model, logits)
     return [node.name for node in model.graph.node if node.name in only]
+
+
+def _upstream_nodes(model: Any, tensor: str) -> set[str]:
+    """Names of the nodes of ``model`` (an ``onnx.ModelProto``) that ``tensor`` depends on, its producer included."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    found: set[str] = set()
+    pending = [tensor]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.name in found:
+            continue
+        found.add(node.name)
+        pending.extend(name for name in node.input if name)
+    return found
 
 
 #: Noise gain above which an early convolution is kept in float, with the layers before it (:func:`float_prefix`).
@@ -291,16 +292,8 @@ def float_prefix(qdq_model_path: Path, float_model_path: Path, max_gain: float =
     loud = [name for name in early if gains.get(name, 0.0) > max_gain]
     if not loud:
         return []
-    producers = {output: node for node in model.graph.node for output in node.output}
-    nodes = {node.name: node for node in model.graph.node}
-    kept: dict[str, None] = {}
-    pending = [nodes[loud[-1]]]
-    while pending:
-        node = pending.pop()
-        if node.name in kept:
-            continue
-        kept[node.name] = None
-        pending.extend(producers[name] for name in node.input if name in producers)
+    last = next(node for node in model.graph.node if node.name == loud[-1])
+    kept = _upstream_nodes(model, last.output[0])
     return [node.name for node in model.graph.node if node.name in kept]
 
 
