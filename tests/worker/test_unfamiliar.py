@@ -214,3 +214,8 @@ def test_int8_reference_is_rescaled_on_familiar_images_only() -> None:
     alone = runtime_reference(reference, familiar_fp32, drifted[:300])
     assert alone is not None and alone.cut == pytest.approx(rescaled.cut)
     assert runtime_reference(reference, fp32[:20], drifted[:20]) is None  # too few familiar images: keep fp32's
+    # A runtime whose features are fp32's but for a little noise keeps fp32's reference: a cut
+    # re-estimated on these images would flag its share of the familiar ones whatever they are.
+    close = fp32 + rng.normal(0, 0.01, fp32.shape)
+    assert ((reference.scores(close) > reference.cut) == (reference.scores(fp32) > reference.cut)).mean() > 0.99
+    assert runtime_reference(reference, fp32, close) is None
