@@ -32,6 +32,31 @@ def _batch(xrays_dir: Path, predictor: Predictor, count: int = 12) -> torch.Tens
     return predictor.preprocess(images)
 
 
+def _export(net: torch.nn.Module, target: Path, outputs: tuple[str, ...] = ("logits",)) -> Path:
+    """A small torch module as the product exports models: opset 17, dynamic batch, input named ``input``."""
+    axes = {name: {0: "batch"} for name in ("input", *outputs)}
+    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(target), input_names=["input"], output_names=list(outputs),
+                      dynamic_axes=axes, opset_version=17, dynamo=False)
+    return target
+
+
+def _qdq(fp32_file: Path, target: Path, inputs: np.ndarray, keep_float: list[str]) -> Path:
+    """``fp32_file`` quantized as ``triage model quantize`` does it (QDQ, per channel, U8S8), calibrated on ``inputs``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([inputs[i : i + 4] for i in range(0, len(inputs), 4)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"input": batch}
+
+    quantize_static(str(fp32_file), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=keep_float)
+    return target
+
+
 def test_onnx_fp32_matches_torch_and_is_cached_per_version(
     db: Database, settings: Settings, production_model: int, tiny_weights: dict, xrays_dir: Path, tmp_path: Path
 ) -> None:
@@ -244,7 +269,6 @@ def test_a_convolution_kept_in_float_stays_float_in_the_served_session(tmp_path:
     """
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from core.ml.onnx_runtime import inference_session
 
@@ -262,23 +286,11 @@ def test_a_convolution_kept_in_float_stays_float_in_the_served_session(tmp_path:
     net = Net().eval()
     with torch.no_grad():  # channel scales from 1e-3 to 1e0
         net.depthwise.weight.mul_(torch.logspace(-3, 0, 8).view(8, 1, 1, 1))
-    fp32_file, int8_file = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
-    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(fp32_file), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    fp32_file = _export(net, tmp_path / "fp32.onnx")
     depthwise = [node.name for node in onnx.load(str(fp32_file)).graph.node if "depthwise" in node.name]
     assert len(depthwise) == 1
     inputs = np.random.default_rng(0).random((16, 3, 16, 16), dtype=np.float32)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter([inputs[i : i + 4] for i in range(0, len(inputs), 4)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._batches, None)
-            return None if batch is None else {"input": batch}
-
-    quantize_static(str(fp32_file), str(int8_file), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=depthwise)
+    int8_file = _qdq(fp32_file, tmp_path / "int8.onnx", inputs, depthwise)
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     qdq = ort.InferenceSession(str(int8_file), plain, providers=["CPUExecutionProvider"]).run(["logits"], {"input": inputs})[0]
@@ -299,7 +311,6 @@ def test_an_early_convolution_that_amplifies_int8_rounding_is_kept_in_float_with
     int8 model is much closer to fp32 than quantized throughout.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from core.ml.onnx_runtime import inference_session
     from core.ml.quantize import MAX_NOISE_GAIN, float_prefix, noise_gains
@@ -327,24 +338,9 @@ def test_an_early_convolution_that_amplifies_int8_rounding_is_kept_in_float_with
         zero_sum = torch.randn(8, 8)
         net.loud.weight.copy_(40 * (zero_sum - zero_sum.mean(dim=1, keepdim=True)).view(8, 8, 1, 1))
         net.loud.bias.fill_(3.0)
-    fp32_file = tmp_path / "fp32.onnx"
-    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(fp32_file), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    fp32_file = _export(net, tmp_path / "fp32.onnx")
     inputs = np.random.default_rng(0).random((16, 3, 16, 16), dtype=np.float32)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter([inputs[i : i + 4] for i in range(0, len(inputs), 4)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._batches, None)
-            return None if batch is None else {"input": batch}
-
-    def quantized(name: str, keep_float: list[str]) -> Path:
-        path = tmp_path / name
-        quantize_static(str(fp32_file), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=keep_float)
-        return path
+    quantized = lambda name, keep_float: _qdq(fp32_file, tmp_path / name, inputs, keep_float)  # noqa: E731
 
     everything = quantized("all.onnx", [])
     gains = noise_gains(everything)
@@ -370,7 +366,6 @@ def test_an_early_convolution_that_amplifies_int8_rounding_is_kept_in_float_with
 def test_the_features_are_gathered_in_float_so_small_layers_keep_their_resolution(tmp_path: Path) -> None:
     """The feature vector puts layers of very different sizes side by side; one int8 scale for all crushes the small ones."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from core.ml.onnx_runtime import inference_session
     from core.ml.quantize import feature_only_nodes
@@ -393,27 +388,15 @@ def test_the_features_are_gathered_in_float_so_small_layers_keep_their_resolutio
         net.early.weight.mul_(0.01)
         net.early.bias.mul_(0.01)
         net.late.weight.mul_(100.0)
-    fp32_file = tmp_path / "fp32.onnx"
-    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(fp32_file), input_names=["input"], output_names=["logits", "features"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}}, opset_version=17, dynamo=False)
+    fp32_file = _export(net, tmp_path / "fp32.onnx", ("logits", "features"))
     kinds = {node.name: node.op_type for node in onnx.load(str(fp32_file)).graph.node}
     gathering = feature_only_nodes(fp32_file)
     assert {kinds[name] for name in gathering} == {"ReduceMean", "Concat"}  # the early means and the concatenation
     assert not any(kinds[name] in ("Conv", "Gemm") for name in gathering)  # nothing the logits need
     inputs = np.random.default_rng(0).random((16, 3, 16, 16), dtype=np.float32)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter([inputs[i : i + 4] for i in range(0, len(inputs), 4)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._batches, None)
-            return None if batch is None else {"input": batch}
-
     def early_error(name: str, keep_float: list[str]) -> float:
-        path = tmp_path / name
-        quantize_static(str(fp32_file), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=keep_float)
+        path = _qdq(fp32_file, tmp_path / name, inputs, keep_float)
         run = lambda f: inference_session(f).run(["features"], {"input": inputs})[0][:, :8]  # noqa: E731
         reference = run(fp32_file)
         return float(np.sqrt(np.mean((run(path) - reference) ** 2)) / np.sqrt(np.mean(reference**2)))
