@@ -40,3 +40,28 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` atomically."""
     with atomic_target(target) as tmp:
         tmp.write_bytes(data)
+
+
+def remove_stale_temporaries(folder: Path, prefix: str, older_than_s: float) -> list[Path]:
+    """Remove the temporary files named ``prefix*`` in ``folder`` last modified more than ``older_than_s`` ago.
+
+    A writer killed between creating its temporary and renaming it (``kill -9``, the kernel's
+    out-of-memory killer) leaves the temporary behind; nothing else ever removes it. Writers that
+    own ``folder`` call this before writing, with an age no live writer reaches, so a build still
+    running beside them keeps its files. Returns the paths removed.
+    """
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    removed: list[Path] = []
+    for path in folder.glob(f"{prefix}*"):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # another writer's cleanup got there first
+            continue
+    return removed

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from core.config import Settings
-from core.files import atomic_target, sibling_temp_path
+from core.files import atomic_target, remove_stale_temporaries, sibling_temp_path
 from core.imaging import ImageDecodeError, decode_image
 from core.ml.onnx_runtime import (
     BUILDING_PREFIX, RuntimeUnavailable, ensure_fp32, inference_session, int8_reference_path, runtime_path,
@@ -298,6 +298,10 @@ def float_prefix(qdq_model_path: Path, float_model_path: Path, max_gain: float =
     return [node.name for node in model.graph.node if node.name in kept]
 
 
+#: Age after which a runtime build's temporary file is taken for the leftover of a killed build (a build takes minutes).
+STALE_BUILD_S = 24 * 3600.0
+
+
 #: Fewest calibration images fp32 finds familiar for the int8 runtime to get a rescaled reference.
 MIN_FAMILIAR_FOR_RESCALE = 32
 
@@ -373,6 +377,9 @@ def quantize_int8(
             batch = next(self._batches, None)
             return None if batch is None else {"input": batch}
 
+    target = runtime_path(settings, spec, "onnx-int8")
+    for leftover in remove_stale_temporaries(target.parent, BUILDING_PREFIX, STALE_BUILD_S):
+        log.info("removed %s, left by a build that was killed", leftover)
     fp32 = ensure_fp32(settings, spec)
     unfamiliar_reference = load_reference(spec_reference_file(spec, settings))
     fp32_session = inference_session(fp32)
@@ -381,7 +388,6 @@ def quantize_int8(
     calibration_features = None if unfamiliar_reference is None else _outputs(fp32_session, calibration)[1]
     unflagged = _accepted(fp32_logits, fp32_features, spec, unfamiliar_reference)
     kept: dict[tuple[float, str], int] = {}
-    target = runtime_path(settings, spec, "onnx-int8")
     prepared = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
     candidates: dict[tuple[float, str], Path] = {}
     tried: dict[tuple[float, str], float] = {}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +141,14 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
 
     spec = _spec(db, production_model)
     images = calibration_images(xrays_dir / "val", 24)
+    # What a build killed two days ago (out of memory, say) left beside the runtimes goes; nothing else does.
+    killed_build = runtime_path(settings, spec, "onnx-int8").parent / ".building-killed.onnx"
+    killed_build.parent.mkdir(parents=True, exist_ok=True)
+    killed_build.write_bytes(b"half a model")
+    os.utime(killed_build, (time.time() - 2 * 86400, time.time() - 2 * 86400))
     # Speed is not what this test is about (tiny models can be slower in int8): min_speedup=0.
     build = quantize_int8(settings, spec, images, percentiles=(99.0, 99.999), min_speedup=0.0)
+    assert not killed_build.exists() and runtime_path(settings, spec, "onnx").exists()
     assert build.installed and build.path == runtime_path(settings, spec, "onnx-int8") and build.path.exists()
     assert set(build.tried) == {(p, w) for p in (99.0, 99.999) for w in ("int8", "uint8")}
     assert build.agreement == build.tried[(build.percentile, build.weights)]
