@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,8 +51,6 @@ def remove_stale_temporaries(folder: Path, prefix: str, older_than_s: float) -> 
     own ``folder`` call this before writing, with an age no live writer reaches, so a build still
     running beside them keeps its files. Returns the paths removed.
     """
-    import time
-
     folder = Path(folder)
     if not folder.is_dir():
         return []

@@ -205,13 +205,13 @@ def feature_only_nodes(model_path: Path, features: str = "features", logits: str
     import onnx
 
     model = onnx.load(str(model_path))
-    only = _upstream_nodes(model, features) - _upstream_nodes(model, logits)
+    producers = {output: node for node in model.graph.node for output in node.output}
+    only = _upstream_nodes(producers, features) - _upstream_nodes(producers, logits)
     return [node.name for node in model.graph.node if node.name in only]
 
 
-def _upstream_nodes(model: Any, tensor: str) -> set[str]:
-    """Names of the nodes of ``model`` (an ``onnx.ModelProto``) that ``tensor`` depends on, its producer included."""
-    producers = {output: node for node in model.graph.node for output in node.output}
+def _upstream_nodes(producers: dict[str, Any], tensor: str) -> set[str]:
+    """Names of the nodes that ``tensor`` depends on, its producer included (``producers``: tensor name -> ONNX node)."""
     found: set[str] = set()
     pending = [tensor]
     while pending:
@@ -294,7 +294,7 @@ def float_prefix(qdq_model_path: Path, float_model_path: Path, max_gain: float =
     if not loud:
         return []
     last = next(node for node in model.graph.node if node.name == loud[-1])
-    kept = _upstream_nodes(model, last.output[0])
+    kept = _upstream_nodes({output: node for node in model.graph.node for output in node.output}, last.output[0])
     return [node.name for node in model.graph.node if node.name in kept]
 
 
