@@ -112,6 +112,7 @@ def cmd_model_promote(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     """Build the int8 ONNX runtime of a version, calibrated on images from a folder."""
     from core import registry
+    from core.ml.onnx_runtime import SecondOpinion
     from core.ml.quantize import calibration_images, quantize_int8
 
     with Database(settings).transaction() as session:
@@ -121,20 +122,23 @@ def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     tried = ", ".join(f"{percentile}/{weights}: {agreement:.1%} at {build.speedups[(percentile, weights)]:.2f}x"
                       for (percentile, weights), agreement in build.tried.items())
     print(f"int8 runtime for model version #{spec.version_id}: labels agree with fp32 on {build.agreement:.1%} of "
-          f"{build.held_out} held-out images, {build.speedup:.2f}x fp32's speed (activation percentile {build.percentile}, "
-          f"{build.weights} weights; tried {tried})")
+          f"{build.held_out} held-out images, {build.speedup:.2f}x fp32's speed with its second opinions "
+          f"(activation percentile {build.percentile}, {build.weights} weights; tried {tried})")
     if build.float_prefix:
         print(f"kept in float: the first layers, up to {build.float_prefix[-1]} (it amplified int8 rounding too much)")
     if build.unflagged:
-        print(f"of the {build.unflagged} held-out images fp32 would not flag for review, int8 gives the same label "
+        print(f"of the {build.unflagged} held-out images fp32 would not flag for review, int8 alone gives the same label "
               f"without a flag on {build.unflagged_kept} ({build.unflagged_kept / build.unflagged:.1%})")
+    margins = build.second_opinion or SecondOpinion(0.0, 0.0)
+    print(f"second opinion: fp32 decides the {build.asked_share:.1%} of held-out images whose int8 confidence lies within "
+          f"{margins.probability_margin:.3f} of the threshold or whose unfamiliar score lies within "
+          f"{margins.score_margin:.1%} of the cut (int8's largest deviations from fp32 there)")
     if not build.installed:
         print(f"error: the int8 runtime was not installed: {build.refused_because} (--min-agreement "
               f"{args.min_agreement:.1%}, --min-speedup {args.min_speedup:g}); serve version #{spec.version_id} with "
               "TRIAGE_RUNTIME=onnx (fp32), or lower those options to install it anyway", file=sys.stderr)
         return 2
-    rescaled = "; its unfamiliar-image reference rescaled on its own features" if build.rescaled_reference else ""
-    print(f"installed at {build.path}{rescaled}; use it with TRIAGE_RUNTIME=onnx-int8")
+    print(f"installed at {build.path}; use it with TRIAGE_RUNTIME=onnx-int8")
     return 0
 
 

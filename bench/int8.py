@@ -4,6 +4,7 @@
 
 Builds the version's int8 ONNX runtime calibrated on ../shared/data/xrays/val (as
 `triage model quantize` does) and compares its labels with the torch fp32 model on every test image.
+Reports int8 by itself and as served, with fp32's second opinion on the images near a decision.
 Speed is measured end to end by `bench.e2e --runtime onnx-int8`.
 """
 
@@ -44,45 +45,55 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(f'{p}/{w}: {a:.1%} {build.speedups[(p, w)]:.2f}x' for (p, w), a in build.tried.items())}); of the {build.unflagged} "
           f"held-out images fp32 leaves unflagged (threshold {spec.threshold:.3f}), int8 keeps {build.unflagged_kept} with the same label and no flag")
     print(f"kept in float: {'the first layers, up to ' + build.float_prefix[-1] if build.float_prefix else 'the stem only'}")
-    fp32 = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
-    int8 = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))
+    margins = build.second_opinion
+    assert margins is not None
+    print(f"second opinion: fp32 decides images within {margins.probability_margin:.4f} of the threshold's probability or "
+          f"{margins.score_margin:.2%} of the unfamiliar cut ({build.asked_share:.1%} of the held-out images)")
+    served = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))
+    alone = load_predictor(spec, settings.model_copy(update={"runtime": "onnx-int8"}))
+    alone.second_opinion = None  # type: ignore[attr-defined]  # int8 by itself, to show what the second opinion adds
+    runtimes = {"fp32": load_predictor(spec, settings.model_copy(update={"runtime": "torch"})), "int8 alone": alone, "int8 served": served}
     files = sorted((SHARED_XRAYS / "test").glob("*/*.jpg"))
     truth = np.array([spec.labels.index(p.parent.name) if p.parent.name in spec.labels else -1 for p in files])
-    labels: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
-    accepted: dict[str, list[bool]] = {"fp32": [], "int8": []}
-    unfamiliar: dict[str, list[bool]] = {"fp32": [], "int8": []}
-    top_fp32: list[np.ndarray] = []
-    seconds = {"fp32": 0.0, "int8": 0.0}
+    labels: dict[str, list[np.ndarray]] = {name: [] for name in runtimes}
+    accepted: dict[str, list[bool]] = {name: [] for name in runtimes}
+    unfamiliar: dict[str, list[bool]] = {name: [] for name in runtimes}
+    top: dict[str, list[float]] = {name: [] for name in runtimes}
+    scores: list[float] = []
+    seconds = dict.fromkeys(runtimes, 0.0)
     for start in range(0, len(files), 32):
-        batch = fp32.preprocess([decode_image(p.read_bytes(), 10**9) for p in files[start : start + 32]])
-        for name, predictor in (("fp32", fp32), ("int8", int8)):
+        batch = runtimes["fp32"].preprocess([decode_image(p.read_bytes(), 10**9) for p in files[start : start + 32]])
+        for name, predictor in runtimes.items():
             clock = time.perf_counter()
             results = predictor.predict_preprocessed(list(batch))  # the worker's whole rule: unsure and unfamiliar flags
             seconds[name] += time.perf_counter() - clock
             labels[name].append(np.array([spec.labels.index(r.label) for r in results]))
             accepted[name] += [not r.flagged for r in results]
             unfamiliar[name] += [r.flag_kind == FLAG_UNFAMILIAR for r in results]
-            if name == "fp32":
-                top_fp32.append(np.array([r.confidence for r in results]))
-    a, b = np.concatenate(labels["fp32"]), np.concatenate(labels["int8"])
-    print(f"version #{spec.version_id} {spec.architecture}: int8 vs fp32 label agreement on xrays/test ({len(files)} images): {(a == b).mean():.2%}")
-    fp32_ok, int8_ok = np.array(accepted["fp32"]), np.array(accepted["int8"])
-    kept = fp32_ok & int8_ok & (a == b)
-    print(f"of the {int(fp32_ok.sum())} test images fp32 accepts without review, int8 accepts {int(kept.sum())} with the same label "
-          f"({kept.sum() / max(fp32_ok.sum(), 1):.2%}); int8 accepts {int((int8_ok & ~fp32_ok).sum())} that fp32 sends to review")
-    same_flag = np.mean(np.array(unfamiliar["fp32"]) == np.array(unfamiliar["int8"]))
-    print(f"flagged unfamiliar: fp32 {np.mean(unfamiliar['fp32']):.1%}, int8 {np.mean(unfamiliar['int8']):.1%} of the test images "
-          f"(int8 {'with its rescaled reference' if build.rescaled_reference else 'with the fp32 reference'}); same decision on {same_flag:.1%}")
+            top[name] += [r.confidence for r in results]
+            if name == "int8 alone":
+                scores += [float("nan") if r.unfamiliar_score is None else r.unfamiliar_score for r in results]
+    relative = None if alone.reference is None else np.array(scores) / alone.reference.cut
+    asked = margins.needed(np.array(top["int8 alone"]), spec.threshold, relative)
+    print(f"version #{spec.version_id} {spec.architecture} on xrays/test ({len(files)} images); the served int8 runtime asked fp32 "
+          f"about {asked.mean():.1%} of them")
+    fp32_labels, fp32_ok = np.concatenate(labels["fp32"]), np.array(accepted["fp32"])
     # How far from a coin toss the fp32 model is: a barely trained model leaves many images near
     # the decision boundary, where any int8 noise flips the label.
-    top = np.concatenate(top_fp32)
     boundary = 1.0 / len(spec.labels) + 0.1
-    confident = top >= boundary
-    print(f"fp32 top probability < {boundary:.2f} on {1 - confident.mean():.1%} of the images; "
-          f"agreement on the other {confident.mean():.1%}: {(a == b)[confident].mean():.2%}")
+    confident = np.array(top["fp32"]) >= boundary
+    for name in ("int8 alone", "int8 served"):
+        same = np.concatenate(labels[name]) == fp32_labels
+        ok = np.array(accepted[name])
+        kept = fp32_ok & ok & same
+        print(f"{name}: label agreement with fp32 {same.mean():.2%} ({same[confident].mean():.2%} where fp32's top probability "
+              f">= {boundary:.2f}, {confident.mean():.1%} of the images); of the {int(fp32_ok.sum())} images fp32 accepts without "
+              f"review, {int(kept.sum())} accepted with the same label ({kept.sum() / max(fp32_ok.sum(), 1):.2%}); "
+              f"{int((ok & ~fp32_ok).sum())} accepted that fp32 sends to review; flagged unfamiliar {np.mean(unfamiliar[name]):.1%} "
+              f"(fp32 {np.mean(unfamiliar['fp32']):.1%}, same decision on {np.mean(np.array(unfamiliar[name]) == np.array(unfamiliar['fp32'])):.1%})")
     if (truth >= 0).all():
-        print(f"accuracy fp32 {(a == truth).mean():.2%}, int8 {(b == truth).mean():.2%}")
-    print(f"model-only time: fp32 {seconds['fp32']:.1f} s, int8 {seconds['int8']:.1f} s ({seconds['fp32'] / seconds['int8']:.2f}x)")
+        print("accuracy: " + ", ".join(f"{name} {(np.concatenate(labels[name]) == truth).mean():.2%}" for name in runtimes))
+    print("model-only time: " + ", ".join(f"{name} {seconds[name]:.1f} s ({seconds['fp32'] / seconds[name]:.2f}x fp32)" for name in runtimes))
     return 0
 
 

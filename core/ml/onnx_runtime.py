@@ -3,7 +3,8 @@
 Runtimes are built from the registered weights and cached on disk under a key derived from the
 weights' sha256, the architecture and the input size, so a cache can never serve another version.
 The int8 model is built by :mod:`core.ml.quantize` (``triage model quantize``); this module only
-serves it.
+serves it, asking the fp32 model about the images whose int8 outputs lie too close to a decision
+(:class:`SecondOpinion`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +24,7 @@ from core.config import Settings
 from core.files import atomic_target
 from core.ml.devices import model_threads
 from core.ml.modelio import create_model, load_state_dict_file, load_weights, logits_and_features
-from core.ml.predict import Predictor, load_reference, spec_reference_file
+from core.ml.predict import Predictor, load_reference, probabilities_from_logits, spec_reference_file
 from core.registry import ModelSpec, weights_path
 
 if TYPE_CHECKING:
@@ -66,11 +69,6 @@ def runtime_path(settings: Settings, spec: ModelSpec, kind: str) -> Path:
     return settings.models_dir / "runtimes" / f"{runtime_key(spec)}.{kind}.onnx"
 
 
-def int8_reference_path(int8_file: Path) -> Path:
-    """The unfamiliar-image reference rescaled on the int8 model's own features, beside its ONNX file."""
-    return int8_file.with_name(int8_file.name.removesuffix(".onnx") + ".reference.safetensors")
-
-
 def export_onnx(spec: ModelSpec, weights_file: Path, target: Path) -> Path:
     """Export the version's torch model to ONNX (fp32, dynamic batch) at ``target``."""
     model = load_weights(create_model(spec.architecture, len(spec.labels)), load_state_dict_file(weights_file)).eval()
@@ -92,6 +90,74 @@ def ensure_fp32(settings: Settings, spec: ModelSpec) -> Path:
     if not target.exists():
         export_onnx(spec, weights_path(settings, spec.weights_sha256), target)
     return target
+
+
+#: Added to measured margins: float32 outputs of one image differ slightly with the batch around it.
+FLOAT_SLACK = 1e-6
+
+
+@dataclass(frozen=True)
+class SecondOpinion:
+    """Which images the int8 runtime hands to the fp32 model: those whose int8 outputs lie near a decision.
+
+    int8 rounding moves a probability or an unfamiliar score a little. Where the version's
+    threshold (or the unfamiliar cut) lies within that distance, int8 alone could decide otherwise
+    than fp32; there the fp32 model runs the image again and its outputs are served. Everywhere
+    else a deviation no larger than the margins cannot change the decision: an int8 confidence at
+    least ``threshold + probability_margin`` means fp32 gives the same label a probability of at
+    least ``threshold``. The margins are the largest deviations measured on held-out images
+    (:meth:`measured`); for an image drawn like them, the chance of deviating by more than the
+    largest of ``n`` is at most ``1 / (n + 1)``, and even then the decision changes only if it also
+    lies near the boundary.
+    """
+
+    #: largest difference between an int8 and an fp32 class probability (temperature applied)
+    probability_margin: float
+    #: largest difference between the int8 and fp32 unfamiliar scores, in units of the cut (0: no reference)
+    score_margin: float
+
+    #: keys of the margins in the int8 ONNX file's metadata, written by ``triage model quantize``
+    METADATA_KEYS = ("triage.second_opinion.probability_margin", "triage.second_opinion.score_margin")
+
+    @classmethod
+    def measured(
+        cls, int8_probabilities: np.ndarray, fp32_probabilities: np.ndarray,
+        int8_relative_scores: np.ndarray | None = None, fp32_relative_scores: np.ndarray | None = None,
+    ) -> "SecondOpinion":
+        """The margins that cover every deviation between int8 and fp32 on the same images.
+
+        ``*_relative_scores``: unfamiliar scores divided by the cut (None: the version has no reference).
+        """
+        probability = float(np.abs(int8_probabilities - fp32_probabilities).max(initial=0.0))
+        score = 0.0
+        if int8_relative_scores is not None and fp32_relative_scores is not None:
+            score = float(np.abs(int8_relative_scores - fp32_relative_scores).max(initial=0.0))
+        # The same image in another batch can come out a few float32 steps apart.
+        return cls(probability + FLOAT_SLACK, score + FLOAT_SLACK)
+
+    def needed(self, confidence: np.ndarray, threshold: float, relative_scores: np.ndarray | None = None) -> np.ndarray:
+        """Per image, whether its int8 confidence or relative unfamiliar score lies within a margin of the decision.
+
+        A threshold of 1.0 flags every image whatever its confidence, so confidence never calls
+        for a second opinion then.
+        """
+        ask = np.zeros(len(confidence), dtype=bool)
+        if threshold < 1.0:
+            ask |= np.abs(np.asarray(confidence) - threshold) <= self.probability_margin
+        if relative_scores is not None:
+            ask |= np.abs(np.asarray(relative_scores) - 1.0) <= self.score_margin
+        return ask
+
+    def metadata(self) -> dict[str, str]:
+        """The margins as ONNX metadata properties."""
+        return dict(zip(self.METADATA_KEYS, (repr(self.probability_margin), repr(self.score_margin))))
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> "SecondOpinion | None":
+        """The margins stored in an int8 file's metadata; None for a file built without them."""
+        if not all(key in metadata for key in cls.METADATA_KEYS):
+            return None
+        return cls(*(float(metadata[key]) for key in cls.METADATA_KEYS))
 
 
 #: ONNX Runtime graph rewrites that change what a QDQ model computes. ``WeightBiasQuantization``
@@ -133,6 +199,10 @@ class OnnxPredictor(Predictor):
         self._weights_file = weights_file
         self._torch_model: torch.nn.Module | None = None
         self.session = inference_session(onnx_file, threads)
+        #: the margins and the fp32 runtime this (int8) runtime hands the images near a decision to
+        self.second_opinion: tuple[SecondOpinion, OnnxPredictor] | None = None
+        #: how many images it has handed to that fp32 runtime since it was loaded
+        self.second_opinions_asked = 0
         log.info("loaded ONNX runtime %s for model version %s", onnx_file.name, spec.version_id)
 
     @property
@@ -150,22 +220,43 @@ class OnnxPredictor(Predictor):
         Raises:
             RuntimeUnavailable: when the int8 artifact has not been built for this version.
         """
-        reference_file = spec_reference_file(spec, settings)
-        if settings.runtime == "onnx-int8":
-            path = runtime_path(settings, spec, "onnx-int8")
-            if not path.exists():
-                raise RuntimeUnavailable(
-                    f"no int8 runtime for model version {spec.version_id}; build it with "
-                    f"`triage model quantize {spec.version_id} --calibration VAL_DIR`"
-                )
-            if reference_file is not None and int8_reference_path(path).exists():
-                reference_file = int8_reference_path(path)  # rescaled on the int8 model's features
-        else:
-            path = ensure_fp32(settings, spec)
-        return cls(spec, path, batch_size=settings.batch_size, threads=model_threads(settings),
+        if settings.runtime != "onnx-int8":
+            return cls._fp32(spec, settings, spec_reference_file(spec, settings))
+        path = runtime_path(settings, spec, "onnx-int8")
+        if not path.exists():
+            raise RuntimeUnavailable(
+                f"no int8 runtime for model version {spec.version_id}; build it with "
+                f"`triage model quantize {spec.version_id} --calibration VAL_DIR`"
+            )
+        predictor = cls(spec, path, batch_size=settings.batch_size, threads=model_threads(settings),
+                        weights_file=weights_path(settings, spec.weights_sha256), reference_file=spec_reference_file(spec, settings))
+        margins = SecondOpinion.from_metadata(predictor.session.get_modelmeta().custom_metadata_map)
+        if margins is not None:
+            predictor.second_opinion = (margins, cls._fp32(spec, settings, None))
+        return predictor
+
+    @classmethod
+    def _fp32(cls, spec: ModelSpec, settings: Settings, reference_file: Path | None) -> "OnnxPredictor":
+        """The fp32 ONNX runtime of ``spec`` (exported on first use)."""
+        return cls(spec, ensure_fp32(settings, spec), batch_size=settings.batch_size, threads=model_threads(settings),
                    weights_file=weights_path(settings, spec.weights_sha256), reference_file=reference_file)
 
     def _forward(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, features)`` of one ONNX Runtime pass (float32, on the CPU)."""
         logits, features = self.session.run(["logits", "features"], {"input": part.numpy().astype(np.float32, copy=False)})
         return torch.from_numpy(logits).float(), torch.from_numpy(features).float()
+
+    def predict_outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and features of ``batch``; with a second opinion, fp32's for the images near a decision."""
+        logits, features = super().predict_outputs(batch)
+        if self.second_opinion is None or not len(logits):
+            return logits, features
+        margins, fp32 = self.second_opinion
+        confidence = probabilities_from_logits(torch.from_numpy(logits), self.spec.temperature).max(dim=1).values.numpy()
+        relative_scores = None if self.reference is None else self.reference.relative_scores(features)
+        asked = np.flatnonzero(margins.needed(confidence, self.spec.threshold, relative_scores))
+        if len(asked):
+            logits[asked], features[asked] = fp32.predict_outputs(batch[torch.from_numpy(asked)])
+            self.second_opinions_asked += len(asked)
+            log.debug("int8 runtime of version %s asked fp32 about %d of %d images", self.spec.version_id, len(asked), len(logits))
+        return logits, features

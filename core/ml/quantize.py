@@ -3,8 +3,9 @@
 The int8 model is calibrated on real images (the validation split) with QDQ static quantization,
 per-channel weights and percentile activation ranges, the percentile chosen by label agreement with
 fp32 on held-out images; build it once with ``triage model quantize``, which reports that agreement.
-The version's unfamiliar-image reference is rescaled on the int8 model's own features
-(:func:`runtime_reference`) and stored beside the int8 file.
+The same held-out images measure how far int8's probabilities and unfamiliar scores stray from
+fp32's; those margins are stored in the int8 file, and the served runtime asks fp32 about the images
+that lie within them of a decision (:class:`core.ml.onnx_runtime.SecondOpinion`).
 :mod:`core.ml.onnx_runtime` serves what this module builds.
 """
 
@@ -22,10 +23,10 @@ import torch
 from PIL import Image
 
 from core.config import Settings
-from core.files import atomic_target, remove_stale_temporaries, sibling_temp_path
+from core.files import remove_stale_temporaries, sibling_temp_path
 from core.imaging import ImageDecodeError, decode_image
 from core.ml.onnx_runtime import (
-    BUILDING_PREFIX, RuntimeUnavailable, ensure_fp32, inference_session, int8_reference_path, runtime_path,
+    BUILDING_PREFIX, RuntimeUnavailable, SecondOpinion, ensure_fp32, inference_session, runtime_path,
 )
 from core.ml.predict import load_reference, probabilities_from_logits, spec_reference_file
 from core.ml.transforms import build_transform
@@ -82,12 +83,16 @@ class Int8Build:
     installed: bool
     #: held-out images fp32 leaves unflagged (confident enough and, with a reference, familiar: no review) ...
     unflagged: int = 0
-    #: ... and on how many of them the chosen int8 model gives the same label and leaves them unflagged too
+    #: ... and on how many of them the chosen int8 model alone gives the same label and leaves them unflagged too
+    #: (with its second opinion, all of them: the margins are measured on these images)
     unflagged_kept: int = 0
-    #: whether the unfamiliar-image reference was rescaled on the int8 model's own features (:func:`runtime_reference`)
-    rescaled_reference: bool = False
-    #: fp32's time over each candidate's on the held-out images (> 1: int8 is faster), per (percentile, weight type)
+    #: fp32's time over each candidate's on the held-out images (> 1: int8 is faster), per (percentile, weight type),
+    #: the candidate's time including the fp32 runs of its second opinion
     speedups: dict[tuple[float, str], float] = field(default_factory=dict)
+    #: share of the held-out images each candidate hands to fp32 (:class:`SecondOpinion`)
+    asked: dict[tuple[float, str], float] = field(default_factory=dict)
+    #: the margins stored with the installed runtime (None when nothing was installed)
+    second_opinion: SecondOpinion | None = None
     #: why nothing was installed ("" when it was)
     refused_because: str = ""
     #: nodes kept in float because an early convolution amplifies int8 rounding too much (:func:`float_prefix`)
@@ -95,8 +100,13 @@ class Int8Build:
 
     @property
     def speedup(self) -> float:
-        """The chosen candidate's speed-up over fp32 on the held-out images (0 when not measured)."""
+        """The chosen candidate's speed-up over fp32 on the held-out images, second opinions included (0: not measured)."""
         return self.speedups.get((self.percentile, self.weights), 0.0)
+
+    @property
+    def asked_share(self) -> float:
+        """The share of held-out images the chosen candidate hands to fp32."""
+        return self.asked.get((self.percentile, self.weights), 0.0)
 
 
 def _outputs(session: Any, batch: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -302,34 +312,14 @@ def float_prefix(qdq_model_path: Path, float_model_path: Path, max_gain: float =
 STALE_BUILD_S = 24 * 3600.0
 
 
-#: Fewest calibration images fp32 finds familiar for the int8 runtime to get a rescaled reference.
-MIN_FAMILIAR_FOR_RESCALE = 32
+def _add_metadata(onnx_file: Path, properties: dict[str, str]) -> None:
+    """Add (or overwrite) metadata properties of an ONNX file in place; ONNX Runtime sessions read them back."""
+    import onnx
 
-
-def runtime_reference(
-    reference: UnfamiliarReference, fp32_features: np.ndarray, runtime_features: np.ndarray, minimum: int = MIN_FAMILIAR_FOR_RESCALE
-) -> UnfamiliarReference | None:
-    """The version's reference rescaled for a runtime whose features differ a little from fp32's (int8).
-
-    The layers are rescaled (:meth:`UnfamiliarReference.rescaled`) on the runtime's features of the
-    calibration images that the fp32 model finds familiar, so the runtime flags about as many
-    familiar images as fp32 does. Unfamiliar calibration images are left out: they would loosen the
-    cut. None (keep the fp32 reference) when fewer than ``minimum`` images are familiar, or when the
-    fp32 reference already makes fp32's decision on at least as many of these images as the rescaled
-    one: a runtime whose features are close to fp32's gains nothing from a cut re-estimated on a
-    few dozen images, which flags its share of them by construction. With the features gathered in
-    float (:func:`feature_only_nodes`), the recipe model's int8 runtime flagged 2.7 % of the test
-    images with fp32's reference (fp32: 2.6 %, same decision on 99.9 %) and 9.0 % with a rescaled one.
-    """
-    fp32_flags = reference.scores(fp32_features) > reference.cut
-    if int((~fp32_flags).sum()) < minimum:
-        return None
-    runtime_features = np.asarray(runtime_features)
-    rescaled = reference.rescaled(runtime_features[~fp32_flags])
-    as_is = int(((reference.scores(runtime_features) > reference.cut) != fp32_flags).sum())
-    if as_is <= int(((rescaled.scores(runtime_features) > rescaled.cut) != fp32_flags).sum()):
-        return None
-    return rescaled
+    model = onnx.load(str(onnx_file))
+    existing = {prop.key: prop.value for prop in model.metadata_props}
+    onnx.helper.set_model_props(model, existing | properties)
+    onnx.save(model, str(onnx_file))
 
 
 def quantize_int8(
@@ -353,6 +343,11 @@ def quantize_int8(
     The stem, TF-style pad sizes, the nodes that only gather the features (:func:`feature_only_nodes`)
     and the network's first layers up to an early convolution that amplifies int8 rounding too much
     (:func:`float_prefix`, found on a first candidate) stay in float.
+
+    Each candidate's largest deviations from fp32 on the held-out images (class probabilities,
+    unfamiliar scores) become its :class:`SecondOpinion` margins, stored in the installed file: the
+    served runtime hands the images within them of a decision to fp32, so its speed is timed with
+    those fp32 runs counted. The version's own unfamiliar reference serves int8 too.
 
     Raises:
         RuntimeUnavailable: fewer than two images (nothing to hold out).
@@ -385,15 +380,16 @@ def quantize_int8(
     fp32_session = inference_session(fp32)
     fp32_logits, fp32_features, fp32_seconds = _timed_outputs(fp32_session, held_out)
     reference = fp32_logits.argmax(1)
-    calibration_features = None if unfamiliar_reference is None else _outputs(fp32_session, calibration)[1]
+    fp32_probabilities = probabilities_from_logits(torch.from_numpy(fp32_logits), spec.temperature).numpy()
+    fp32_relative_scores = None if unfamiliar_reference is None else unfamiliar_reference.relative_scores(fp32_features)
     unflagged = _accepted(fp32_logits, fp32_features, spec, unfamiliar_reference)
     kept: dict[tuple[float, str], int] = {}
     prepared = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
     candidates: dict[tuple[float, str], Path] = {}
     tried: dict[tuple[float, str], float] = {}
     speedups: dict[tuple[float, str], float] = {}
-    references: dict[tuple[float, str], UnfamiliarReference] = {}
-    reference_target = int8_reference_path(target)
+    asked: dict[tuple[float, str], float] = {}
+    margins: dict[tuple[float, str], SecondOpinion] = {}
     quant_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     keys = [(percentile, weights) for weights in weight_types for percentile in percentiles]
 
@@ -418,17 +414,18 @@ def quantize_int8(
         for key in keys:
             percentile, weights = key
             candidate = candidates.get(key) or build(key, keep_float)
-            session = inference_session(candidate)
-            if unfamiliar_reference is not None:
-                rescaled = runtime_reference(unfamiliar_reference, calibration_features, _outputs(session, calibration)[1])
-                if rescaled is not None:
-                    references[key] = rescaled
-            logits, features, seconds = _timed_outputs(session, held_out)
-            speedups[key] = fp32_seconds / max(seconds, 1e-9)
+            logits, features, seconds = _timed_outputs(inference_session(candidate), held_out)
+            probabilities = probabilities_from_logits(torch.from_numpy(logits), spec.temperature).numpy()
+            relative_scores = None if unfamiliar_reference is None else unfamiliar_reference.relative_scores(features)
+            margins[key] = SecondOpinion.measured(probabilities, fp32_probabilities, relative_scores, fp32_relative_scores)
+            asked[key] = float(margins[key].needed(probabilities.max(axis=1), spec.threshold, relative_scores).mean())
+            # The served runtime runs fp32 again on the images it asks about.
+            speedups[key] = fp32_seconds / max(seconds + asked[key] * fp32_seconds, 1e-9)
             tried[key] = float((logits.argmax(1) == reference).mean())
-            kept[key] = int((unflagged & (logits.argmax(1) == reference) & _accepted(logits, features, spec, references.get(key, unfamiliar_reference))).sum())
-            log.info("int8 candidate of version %s, percentile %s, %s weights: label agreement %.2f%% on %d held-out images, "
-                     "%.2fx fp32's speed", spec.version_id, percentile, weights, 100 * tried[key], len(held_out), speedups[key])
+            kept[key] = int((unflagged & (logits.argmax(1) == reference) & _accepted(logits, features, spec, unfamiliar_reference)).sum())
+            log.info("int8 candidate of version %s, percentile %s, %s weights: label agreement %.2f%% on %d held-out images; "
+                     "asks fp32 about %.1f%% of them (margins %s); %.2fx fp32's speed with those", spec.version_id, percentile,
+                     weights, 100 * tried[key], len(held_out), 100 * asked[key], margins[key], speedups[key])
         # What matters for triage first: the images fp32 accepts without review keep their label and
         # stay accepted; then agreement on all held-out images; remaining ties go to signed weights
         # (faster) and the highest percentile (least clipping, ONNX Runtime's default behaviour).
@@ -443,15 +440,10 @@ def quantize_int8(
             refused_because = f"its label agreement {tried[best]:.1%} is below {min_agreement:.1%}"
         installed = not refused_because
         if installed:
-            if best in references:
-                with atomic_target(reference_target, prefix=BUILDING_PREFIX, suffix=".safetensors") as tmp:
-                    references[best].save(tmp)
-            else:
-                reference_target.unlink(missing_ok=True)
+            _add_metadata(candidates[best], margins[best].metadata())
             candidates.pop(best).replace(target)
         else:
             target.unlink(missing_ok=True)
-            reference_target.unlink(missing_ok=True)
     finally:
         prepared.unlink(missing_ok=True)
         for leftover in candidates.values():
@@ -459,5 +451,5 @@ def quantize_int8(
     log.info("int8 runtime of version %s: percentile %s, %s weights, %d calibration images, %d early nodes in float, %s",
              spec.version_id, *best, len(calibration), len(prefix), "installed" if installed else f"not installed: {refused_because}")
     return Int8Build(target, best[0], best[1], tried[best], len(held_out), tried, installed, int(unflagged.sum()), kept[best],
-                     rescaled_reference=best in references, speedups=speedups, refused_because=refused_because,
-                     float_prefix=tuple(prefix))
+                     speedups=speedups, asked=asked, second_opinion=margins[best] if installed else None,
+                     refused_because=refused_because, float_prefix=tuple(prefix))

@@ -126,6 +126,10 @@ class UnfamiliarReference:
         """
         return self.layer_distances(features).max(axis=1)
 
+    def relative_scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """:meth:`scores` in units of the cut: above 1 is unfamiliar."""
+        return self.scores(features) / self.cut
+
     def is_unfamiliar(self, scores: np.ndarray, problems: list[str | None] | None = None) -> np.ndarray:
         """Boolean mask: scores beyond the cut, or an input problem (:meth:`input_problems`)."""
         mask = np.asarray(scores) > self.cut

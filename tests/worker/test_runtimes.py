@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from core import registry
 from core.config import Settings
 from core.db import Database
 from core.imaging import decode_image
-from core.ml.onnx_runtime import OnnxPredictor, RuntimeUnavailable, runtime_path
+from core.ml.onnx_runtime import OnnxPredictor, RuntimeUnavailable, SecondOpinion, runtime_path
 from core.ml.pipeline import PredictorCache
 from core.ml.predict import Predictor
 from core.ml.runtimes import load_predictor
@@ -162,9 +163,13 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
 
     assert float((labels(build.path) == labels(ensure_fp32(settings, spec))).mean()) == build.agreement
 
-    # With threshold 0 fp32 flags nothing, so "same label, still unflagged" is plain agreement.
-    import dataclasses
+    # The installed file carries the margins of its second opinion: int8's largest deviations from fp32.
+    assert build.second_opinion is not None and build.second_opinion.probability_margin > 1e-5
+    metadata = ort.InferenceSession(str(build.path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert SecondOpinion.from_metadata(metadata) == build.second_opinion
+    assert set(build.asked) == set(build.tried) and all(0.0 <= share <= 1.0 for share in build.asked.values())
 
+    # With threshold 0 fp32 flags nothing, so "same label, still unflagged" is plain agreement.
     unflagging = quantize_int8(settings, dataclasses.replace(spec, threshold=0.0), images, percentiles=(build.percentile,),
                                weight_types=(build.weights,), min_speedup=0.0)
     assert unflagging.unflagged == 12 and unflagging.unflagged_kept == round(build.agreement * 12)
@@ -172,7 +177,7 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
     # Asking for more agreement than any candidate reached installs nothing and removes the old one.
     refused = quantize_int8(settings, spec, images, percentiles=(99.999,), min_agreement=1.01, min_speedup=0.0)
     assert not refused.installed and not runtime_path(settings, spec, "onnx-int8").exists()
-    assert "below 101.0%" in refused.refused_because
+    assert "below 101.0%" in refused.refused_because and refused.second_opinion is None
 
     # A candidate must also be as fast as asked, timed against fp32 on the same held-out images.
     assert set(build.speedups) == set(build.tried) and all(speedup > 0 for speedup in build.speedups.values())
@@ -186,6 +191,74 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
         pass
     else:
         raise AssertionError("a refused int8 runtime was served")
+
+
+def test_outside_its_margins_int8_decides_as_fp32_does_and_inside_them_fp32_decides() -> None:
+    """The second opinion's rule, on outputs drawn like a model's and its int8 copy's (no model needed)."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0, 2.5, (4000, 3))
+    fp32 = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    int8 = torch.softmax(torch.from_numpy(logits + rng.normal(0, 0.08, logits.shape)), dim=1).numpy()
+    fp32_relative = rng.lognormal(-0.4, 0.35, len(logits))
+    int8_relative = fp32_relative * (1 + rng.normal(0, 0.02, len(logits)))
+    threshold = 0.8
+
+    def decisions(probabilities: np.ndarray, relative: np.ndarray) -> list[tuple[int | None, bool]]:
+        """The triage decision: the label of an image accepted without review (None: reviewed), flagged unfamiliar."""
+        unfamiliar = relative > 1.0
+        accepted = (probabilities.max(axis=1) >= threshold) & ~unfamiliar
+        labels = probabilities.argmax(axis=1).tolist()
+        return [(label if ok else None, strange) for label, ok, strange in zip(labels, accepted.tolist(), unfamiliar.tolist())]
+
+    measured = slice(0, 500)  # the held-out images the quantizer measures the margins on
+    margins = SecondOpinion.measured(int8[measured], fp32[measured], int8_relative[measured], fp32_relative[measured])
+    assert margins.probability_margin == pytest.approx(np.abs(int8[measured] - fp32[measured]).max(), abs=1e-5)
+    asked = margins.needed(int8.max(axis=1), threshold, int8_relative)
+    served = np.where(asked[:, None], fp32, int8), np.where(asked, fp32_relative, int8_relative)
+    expected, alone, given = decisions(fp32, fp32_relative), decisions(int8, int8_relative), decisions(*served)
+    assert given[measured] == expected[measured]
+    # Unseen images can deviate beyond the largest of the 500 (chance about 1 in 501 each), and even
+    # then rarely change a decision; int8 alone changes dozens.
+    assert sum(a != b for a, b in zip(given, expected)) <= 2 < 20 < sum(a != b for a, b in zip(alone, expected))
+    assert asked.mean() < 0.3  # only the images near a decision run twice
+
+    # A threshold of 1.0 flags every image for review, so confidence never needs fp32's opinion.
+    assert not margins.needed(int8.max(axis=1), 1.0).any()
+    assert SecondOpinion.from_metadata(margins.metadata()) == margins
+    assert SecondOpinion.from_metadata({}) is None  # an int8 file built before second opinions serves int8 alone
+
+
+def test_a_served_int8_runtime_hands_fp32_exactly_the_images_its_margins_select(
+    db: Database, settings: Settings, production_model: int, xrays_dir: Path
+) -> None:
+    from core.ml.quantize import calibration_images, quantize_int8
+
+    spec = _spec(db, production_model)
+    quantize_int8(settings, spec, calibration_images(xrays_dir / "val", 16), percentiles=(99.999,), weight_types=("int8",),
+                  min_speedup=0.0)
+    int8_settings = settings.model_copy(update={"runtime": "onnx-int8"})
+    served, alone = load_predictor(spec, int8_settings), load_predictor(spec, int8_settings)
+    assert isinstance(served, OnnxPredictor) and isinstance(alone, OnnxPredictor)
+    assert served.second_opinion is not None  # read from the installed file
+    fp32 = served.second_opinion[1]
+    alone.second_opinion = None
+    batch = _batch(xrays_dir, served, count=24)
+    alone_logits, alone_features = alone.predict_outputs(batch)
+    fp32_logits, fp32_features = fp32.predict_outputs(batch)
+    assert np.abs(alone_logits - fp32_logits).max() > 0  # int8 rounding shows
+    # Margins that put about half of these images near the threshold, so both kinds occur.
+    confidence = torch.softmax(torch.from_numpy(alone_logits) / spec.temperature, dim=1).max(dim=1).values.numpy()
+    threshold = float(np.median(confidence))
+    served.spec = alone.spec = dataclasses.replace(spec, threshold=threshold)
+    margins = SecondOpinion(probability_margin=float(np.quantile(np.abs(confidence - threshold), 0.5)), score_margin=0.0)
+    served.second_opinion = (margins, fp32)
+    asked = margins.needed(confidence, threshold, alone.reference and alone.reference.relative_scores(alone_features))
+    assert 0 < asked.sum() < len(batch)
+
+    logits, features = served.predict_outputs(batch)
+    assert np.array_equal(logits[~asked], alone_logits[~asked]) and np.array_equal(features[~asked], alone_features[~asked])
+    assert np.allclose(logits[asked], fp32_logits[asked], atol=1e-5) and np.allclose(features[asked], fp32_features[asked], atol=1e-5)
+    assert served.second_opinions_asked == int(asked.sum())
 
 
 def test_onnx_sessions_take_their_share_of_the_cores_and_do_not_spin(
