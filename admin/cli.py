@@ -112,7 +112,7 @@ def cmd_model_promote(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     """Build the int8 ONNX runtime of a version, calibrated on images from a folder."""
     from core import registry
-    from core.ml.onnx_runtime import SecondOpinion
+    from core.ml.onnx_runtime import SECOND_OPINION_QUANTILE, SecondOpinion
     from core.ml.quantize import calibration_images, quantize_int8
 
     with Database(settings).transaction() as session:
@@ -130,9 +130,9 @@ def cmd_model_quantize(settings: Settings, args: argparse.Namespace) -> int:
         print(f"of the {build.unflagged} held-out images fp32 would not flag for review, int8 alone gives the same label "
               f"without a flag on {build.unflagged_kept} ({build.unflagged_kept / build.unflagged:.1%})")
     margins = build.second_opinion or SecondOpinion(0.0, 0.0)
-    print(f"second opinion: fp32 decides the {build.asked_share:.1%} of held-out images whose int8 confidence lies within "
-          f"{margins.probability_margin:.3f} of the threshold or whose unfamiliar score lies within "
-          f"{margins.score_margin:.1%} of the cut (int8's largest deviations from fp32 there)")
+    print(f"second opinion: fp32 decides the {build.asked_share:.1%} of held-out images whose int8 top-class log-odds lie within "
+          f"{margins.log_odds_margin:.3f} of the threshold's or whose unfamiliar score lies within {margins.score_margin:.1%} "
+          f"of the cut (the {SECOND_OPINION_QUANTILE:.0%} quantiles of int8's deviations from fp32 there)")
     if not build.installed:
         print(f"error: the int8 runtime was not installed: {build.refused_because} (--min-agreement "
               f"{args.min_agreement:.1%}, --min-speedup {args.min_speedup:g}); serve version #{spec.version_id} with "

@@ -3,7 +3,7 @@
 The int8 model is calibrated on real images (the validation split) with QDQ static quantization,
 per-channel weights and percentile activation ranges, the percentile chosen by label agreement with
 fp32 on held-out images; build it once with ``triage model quantize``, which reports that agreement.
-The same held-out images measure how far int8's probabilities and unfamiliar scores stray from
+The same held-out images measure how far int8's logits and unfamiliar scores stray from
 fp32's; those margins are stored in the int8 file, and the served runtime asks fp32 about the images
 that lie within them of a decision (:class:`core.ml.onnx_runtime.SecondOpinion`).
 :mod:`core.ml.onnx_runtime` serves what this module builds.
@@ -84,7 +84,6 @@ class Int8Build:
     #: held-out images fp32 leaves unflagged (confident enough and, with a reference, familiar: no review) ...
     unflagged: int = 0
     #: ... and on how many of them the chosen int8 model alone gives the same label and leaves them unflagged too
-    #: (with its second opinion, all of them: the margins are measured on these images)
     unflagged_kept: int = 0
     #: fp32's time over each candidate's on the held-out images (> 1: int8 is faster), per (percentile, weight type),
     #: the candidate's time including the fp32 runs of its second opinion
@@ -344,8 +343,8 @@ def quantize_int8(
     and the network's first layers up to an early convolution that amplifies int8 rounding too much
     (:func:`float_prefix`, found on a first candidate) stay in float.
 
-    Each candidate's largest deviations from fp32 on the held-out images (class probabilities,
-    unfamiliar scores) become its :class:`SecondOpinion` margins, stored in the installed file: the
+    Each candidate's deviations from fp32 on the held-out images (logits, unfamiliar scores) set its
+    :class:`SecondOpinion` margins, stored in the installed file: the
     served runtime hands the images within them of a decision to fp32, so its speed is timed with
     those fp32 runs counted. The version's own unfamiliar reference serves int8 too.
 
@@ -380,7 +379,6 @@ def quantize_int8(
     fp32_session = inference_session(fp32)
     fp32_logits, fp32_features, fp32_seconds = _timed_outputs(fp32_session, held_out)
     reference = fp32_logits.argmax(1)
-    fp32_probabilities = probabilities_from_logits(torch.from_numpy(fp32_logits), spec.temperature).numpy()
     fp32_relative_scores = None if unfamiliar_reference is None else unfamiliar_reference.relative_scores(fp32_features)
     unflagged = _accepted(fp32_logits, fp32_features, spec, unfamiliar_reference)
     kept: dict[tuple[float, str], int] = {}
@@ -415,10 +413,9 @@ def quantize_int8(
             percentile, weights = key
             candidate = candidates.get(key) or build(key, keep_float)
             logits, features, seconds = _timed_outputs(inference_session(candidate), held_out)
-            probabilities = probabilities_from_logits(torch.from_numpy(logits), spec.temperature).numpy()
             relative_scores = None if unfamiliar_reference is None else unfamiliar_reference.relative_scores(features)
-            margins[key] = SecondOpinion.measured(probabilities, fp32_probabilities, relative_scores, fp32_relative_scores)
-            asked[key] = float(margins[key].needed(probabilities.max(axis=1), spec.threshold, relative_scores).mean())
+            margins[key] = SecondOpinion.measured(logits, fp32_logits, spec.temperature, relative_scores, fp32_relative_scores)
+            asked[key] = float(margins[key].needed(logits, spec.temperature, spec.threshold, relative_scores).mean())
             # The served runtime runs fp32 again on the images it asks about.
             speedups[key] = fp32_seconds / max(seconds + asked[key] * fp32_seconds, 1e-9)
             tried[key] = float((logits.argmax(1) == reference).mean())

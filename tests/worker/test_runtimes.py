@@ -17,7 +17,7 @@ from core import registry
 from core.config import Settings
 from core.db import Database
 from core.imaging import decode_image
-from core.ml.onnx_runtime import OnnxPredictor, RuntimeUnavailable, SecondOpinion, runtime_path
+from core.ml.onnx_runtime import OnnxPredictor, RuntimeUnavailable, SecondOpinion, runtime_path, top_log_odds
 from core.ml.pipeline import PredictorCache
 from core.ml.predict import Predictor
 from core.ml.runtimes import load_predictor
@@ -163,8 +163,8 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
 
     assert float((labels(build.path) == labels(ensure_fp32(settings, spec))).mean()) == build.agreement
 
-    # The installed file carries the margins of its second opinion: int8's largest deviations from fp32.
-    assert build.second_opinion is not None and build.second_opinion.probability_margin > 1e-5
+    # The installed file carries the margins of its second opinion, measured on the held-out images.
+    assert build.second_opinion is not None and build.second_opinion.log_odds_margin > 1e-5
     metadata = ort.InferenceSession(str(build.path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
     assert SecondOpinion.from_metadata(metadata) == build.second_opinion
     assert set(build.asked) == set(build.tried) and all(0.0 <= share <= 1.0 for share in build.asked.values())
@@ -196,34 +196,39 @@ def test_int8_build_picks_the_percentile_by_held_out_agreement_and_refuses_a_poo
 def test_outside_its_margins_int8_decides_as_fp32_does_and_inside_them_fp32_decides() -> None:
     """The second opinion's rule, on outputs drawn like a model's and its int8 copy's (no model needed)."""
     rng = np.random.default_rng(7)
-    logits = rng.normal(0, 2.5, (4000, 3))
-    fp32 = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-    int8 = torch.softmax(torch.from_numpy(logits + rng.normal(0, 0.08, logits.shape)), dim=1).numpy()
-    fp32_relative = rng.lognormal(-0.4, 0.35, len(logits))
-    int8_relative = fp32_relative * (1 + rng.normal(0, 0.02, len(logits)))
-    threshold = 0.8
+    temperature, threshold = 1.5, 0.8
+    fp32_logits = rng.normal(0, 4.0, (4000, 3))
+    int8_logits = fp32_logits + rng.normal(0, 0.1, fp32_logits.shape)
+    fp32_relative = rng.lognormal(-0.4, 0.35, len(fp32_logits))
+    int8_relative = fp32_relative + rng.normal(0, 0.02, len(fp32_logits))
 
-    def decisions(probabilities: np.ndarray, relative: np.ndarray) -> list[tuple[int | None, bool]]:
+    def decisions(logits: np.ndarray, relative: np.ndarray) -> list[tuple[int | None, bool]]:
         """The triage decision: the label of an image accepted without review (None: reviewed), flagged unfamiliar."""
+        probabilities = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
         unfamiliar = relative > 1.0
         accepted = (probabilities.max(axis=1) >= threshold) & ~unfamiliar
         labels = probabilities.argmax(axis=1).tolist()
         return [(label if ok else None, strange) for label, ok, strange in zip(labels, accepted.tolist(), unfamiliar.tolist())]
 
-    measured = slice(0, 500)  # the held-out images the quantizer measures the margins on
-    margins = SecondOpinion.measured(int8[measured], fp32[measured], int8_relative[measured], fp32_relative[measured])
-    assert margins.probability_margin == pytest.approx(np.abs(int8[measured] - fp32[measured]).max(), abs=1e-5)
-    asked = margins.needed(int8.max(axis=1), threshold, int8_relative)
-    served = np.where(asked[:, None], fp32, int8), np.where(asked, fp32_relative, int8_relative)
-    expected, alone, given = decisions(fp32, fp32_relative), decisions(int8, int8_relative), decisions(*served)
-    assert given[measured] == expected[measured]
-    # Unseen images can deviate beyond the largest of the 500 (chance about 1 in 501 each), and even
-    # then rarely change a decision; int8 alone changes dozens.
-    assert sum(a != b for a, b in zip(given, expected)) <= 2 < 20 < sum(a != b for a, b in zip(alone, expected))
+    # Log-odds of the top class match the probabilities they stand for.
+    top = torch.softmax(torch.from_numpy(fp32_logits) / temperature, dim=1).numpy().max(axis=1)
+    assert np.allclose(top_log_odds(fp32_logits, temperature), np.log(top / (1 - top)))
+
+    held_out = slice(0, 500)  # the images the quantizer measures the margins on
+    margins = SecondOpinion.measured(int8_logits[held_out], fp32_logits[held_out], temperature,
+                                     int8_relative[held_out], fp32_relative[held_out])
+    change = (int8_logits[held_out] - fp32_logits[held_out]) / temperature
+    assert margins.log_odds_margin == pytest.approx(np.quantile(change.max(axis=1) - change.min(axis=1), 0.95))
+    asked = margins.needed(int8_logits, temperature, threshold, int8_relative)
+    served = np.where(asked[:, None], fp32_logits, int8_logits), np.where(asked, fp32_relative, int8_relative)
+    expected, alone, given = decisions(fp32_logits, fp32_relative), decisions(int8_logits, int8_relative), decisions(*served)
+    # About one image in twenty deviates beyond the margins, and only those also near a decision can
+    # change it; int8 alone changes dozens.
+    assert sum(a != b for a, b in zip(given, expected)) <= 4 < 30 < sum(a != b for a, b in zip(alone, expected))
     assert asked.mean() < 0.3  # only the images near a decision run twice
 
-    # A threshold of 1.0 flags every image for review, so confidence never needs fp32's opinion.
-    assert not margins.needed(int8.max(axis=1), 1.0).any()
+    # A threshold of 1.0 flags every image for review and 0 none, so confidence never needs fp32's opinion then.
+    assert not margins.needed(int8_logits, temperature, 1.0).any() and not margins.needed(int8_logits, temperature, 0.0).any()
     assert SecondOpinion.from_metadata(margins.metadata()) == margins
     assert SecondOpinion.from_metadata({}) is None  # an int8 file built before second opinions serves int8 alone
 
@@ -246,13 +251,15 @@ def test_a_served_int8_runtime_hands_fp32_exactly_the_images_its_margins_select(
     alone_logits, alone_features = alone.predict_outputs(batch)
     fp32_logits, fp32_features = fp32.predict_outputs(batch)
     assert np.abs(alone_logits - fp32_logits).max() > 0  # int8 rounding shows
-    # Margins that put about half of these images near the threshold, so both kinds occur.
+    # A threshold and margins that put about half of these images near the threshold, so both kinds occur.
     confidence = torch.softmax(torch.from_numpy(alone_logits) / spec.temperature, dim=1).max(dim=1).values.numpy()
     threshold = float(np.median(confidence))
-    served.spec = alone.spec = dataclasses.replace(spec, threshold=threshold)
-    margins = SecondOpinion(probability_margin=float(np.quantile(np.abs(confidence - threshold), 0.5)), score_margin=0.0)
+    served.spec = dataclasses.replace(spec, threshold=threshold)
+    distance = np.abs(top_log_odds(alone_logits, spec.temperature) - np.log(threshold / (1 - threshold)))
+    margins = SecondOpinion(log_odds_margin=float(np.median(distance)), score_margin=0.0)
     served.second_opinion = (margins, fp32)
-    asked = margins.needed(confidence, threshold, alone.reference and alone.reference.relative_scores(alone_features))
+    relative_scores = None if alone.reference is None else alone.reference.relative_scores(alone_features)
+    asked = margins.needed(alone_logits, spec.temperature, threshold, relative_scores)
     assert 0 < asked.sum() < len(batch)
 
     logits, features = served.predict_outputs(batch)
