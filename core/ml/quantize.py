@@ -114,15 +114,16 @@ def _outputs(session: Any, batch: np.ndarray, chunk: int = 32) -> tuple[np.ndarr
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _timed_outputs(session: Any, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """:func:`_outputs` of ``batch`` and the seconds they took, after one warm-up image.
+def _timed_outputs(session: Any, batch: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`_outputs` of ``batch`` and the seconds they took, after a warm-up run of one chunk.
 
-    A session's first run allocates and plans; without the warm-up, whichever session happened to
-    run first would look slower and the fp32-to-int8 speed-up would depend on call order.
+    A session's first run of a batch size allocates and plans; without the warm-up, whichever
+    session happened to run first would look slower and the fp32-to-int8 speed-up would depend on
+    call order.
     """
-    session.run(["logits"], {"input": batch[:1]})
+    session.run(["logits"], {"input": batch[:chunk]})
     clock = time.perf_counter()
-    logits, features = _outputs(session, batch)
+    logits, features = _outputs(session, batch, chunk)
     return logits, features, time.perf_counter() - clock
 
 
@@ -344,9 +345,9 @@ def quantize_int8(
     (:func:`float_prefix`, found on a first candidate) stay in float.
 
     Each candidate's deviations from fp32 on the held-out images (logits, unfamiliar scores) set its
-    :class:`SecondOpinion` margins, stored in the installed file: the
-    served runtime hands the images within them of a decision to fp32, so its speed is timed with
-    those fp32 runs counted. The version's own unfamiliar reference serves int8 too.
+    :class:`SecondOpinion` margins, stored in the installed file: the served runtime hands the
+    images within them of a decision to fp32, so a candidate's speed is timed with those fp32 runs
+    counted. The version's own unfamiliar reference serves int8 too.
 
     Raises:
         RuntimeUnavailable: fewer than two images (nothing to hold out).
