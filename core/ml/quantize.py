@@ -114,17 +114,24 @@ def _outputs(session: Any, batch: np.ndarray, chunk: int = 32) -> tuple[np.ndarr
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _timed_outputs(session: Any, batch: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray, float]:
-    """:func:`_outputs` of ``batch`` and the seconds they took, after a warm-up run of one chunk.
+def _timed_outputs(
+    session: Any, batch: np.ndarray, chunk: int = 32, runs: int = 2
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`_outputs` of ``batch`` and the fastest of ``runs`` timings, after a warm-up run of one chunk.
 
     A session's first run of a batch size allocates and plans; without the warm-up, whichever
     session happened to run first would look slower and the fp32-to-int8 speed-up would depend on
-    call order.
+    call order. One timed run is at the mercy of whatever else the machine does at that moment
+    (the build's verdict on the recipe model swung between 0.72x and 1.04x); the fastest of two is
+    what the runtime can do.
     """
     session.run(["logits"], {"input": batch[:chunk]})
-    clock = time.perf_counter()
-    logits, features = _outputs(session, batch, chunk)
-    return logits, features, time.perf_counter() - clock
+    seconds = []
+    for _ in range(max(runs, 1)):
+        clock = time.perf_counter()
+        logits, features = _outputs(session, batch, chunk)
+        seconds.append(time.perf_counter() - clock)
+    return logits, features, min(seconds)
 
 
 def _accepted(logits: np.ndarray, features: np.ndarray, spec: ModelSpec, reference: UnfamiliarReference | None) -> np.ndarray:
