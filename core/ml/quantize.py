@@ -11,6 +11,8 @@ that lie within them of a decision (:class:`core.ml.onnx_runtime.SecondOpinion`)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -106,6 +108,39 @@ class Int8Build:
     def asked_share(self) -> float:
         """The share of held-out images the chosen candidate hands to fp32."""
         return self.asked.get((self.percentile, self.weights), 0.0)
+
+
+class _ClippedBiases(logging.Filter):
+    """Counts, and keeps off the console, ONNX Runtime's one warning per bias clipped to int32.
+
+    ONNX Runtime widens a weight's scale so that its bias fits int32 only for symmetric (signed)
+    weights; with unsigned weights, channels whose folded weights are near zero (batch norm gamma
+    near 0) get their bias clipped, one root-logger warning each (33 on the recipe model).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False (drop) for a clipped-bias warning, which is counted; True for anything else."""
+        if "exceeds the range of a int32" in record.getMessage():
+            self.count += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[_ClippedBiases]:
+    """Run ONNX Runtime's quantizer without its progress prints; yields the clipped-bias count."""
+    clipped = _ClippedBiases()
+    root = logging.getLogger()
+    root.addFilter(clipped)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield clipped
+    finally:
+        root.removeFilter(clipped)
 
 
 def _outputs(session: Any, batch: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -401,12 +436,16 @@ def quantize_int8(
 
     def build(key: tuple[float, str], keep_float: list[str]) -> Path:
         candidate = candidates[key] = sibling_temp_path(target, prefix=BUILDING_PREFIX, suffix=".onnx")
-        quantize_static(
-            str(prepared), str(candidate), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            weight_type=quant_types[key[1]], activation_type=QuantType.QUInt8,
-            calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": key[0]},
-            nodes_to_exclude=keep_float,
-        )
+        with _quiet_quantizer() as clipped:
+            quantize_static(
+                str(prepared), str(candidate), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                weight_type=quant_types[key[1]], activation_type=QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": key[0]},
+                nodes_to_exclude=keep_float,
+            )
+        if clipped.count:
+            log.info("int8 candidate of version %s, percentile %s, %s weights: ONNX Runtime clipped %d convolution "
+                     "biases to the int32 range", spec.version_id, *key, clipped.count)
         return candidate
 
     try:

@@ -106,6 +106,7 @@ def test_int8_runtime_is_built_by_the_cli_and_then_served(
     )
     assert result.returncode == 0, result.stderr
     assert "held-out images" in result.stdout and "installed at" in result.stdout
+    assert "Collecting tensor data" not in result.stdout  # ONNX Runtime's calibration progress is not the user's business
     predictor = load_predictor(spec, int8_settings)
     assert isinstance(predictor, OnnxPredictor)
     reference = load_predictor(spec, settings.model_copy(update={"runtime": "torch"}))
@@ -518,3 +519,23 @@ def test_the_builds_timing_keeps_the_faster_of_two_runs_of_the_whole_held_out_ba
     assert session.batch_sizes == [32] + [32, 32, 6] * 2  # a warm-up chunk, then the whole batch twice
     np.testing.assert_allclose(logits, batch.sum(axis=(2, 3)), rtol=1e-6)
     np.testing.assert_allclose(features, batch.mean(axis=(2, 3)), rtol=1e-6)
+
+
+def test_the_quantizers_chatter_is_kept_off_the_console_and_its_clipped_biases_counted(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ONNX Runtime prints calibration progress and warns once per clipped bias (33 times on the recipe model)."""
+    import logging
+
+    from core.ml.quantize import _quiet_quantizer
+
+    with caplog.at_level(logging.INFO), _quiet_quantizer() as clipped:
+        print("Collecting tensor data and making histogram ...")
+        for name in ("a", "b"):
+            logging.warning(f"Quantized bias `{name}` exceeds the range of a int32. The bias scale is too small.")
+        logging.warning("something else ONNX Runtime has to say")
+    logging.warning("Quantized bias `c` exceeds the range of a int32. The bias scale is too small.")  # after: shown again
+
+    assert clipped.count == 2
+    assert capsys.readouterr().out == ""
+    assert [record.getMessage()[:18] for record in caplog.records] == ["something else ONN", "Quantized bias `c`"]
